@@ -1,0 +1,264 @@
+//! podid's kernel programs.
+//!
+//! - `podid_connect4` (`cgroup/connect4`) and `podid_connect6` (`cgroup/connect6`)
+//!   rewrite a TCP connection to the IMDS address and port so that it reaches the
+//!   node agent instead, unless the caller's cgroup is exempt, and record who
+//!   asked, keyed by socket cookie. `connect6` handles the v4-mapped form
+//!   (`::ffff:169.254.169.254`) that dual-stack sockets use.
+//! - `podid_sock_ops` (`sockops`), at TCP connect time, moves that record to a
+//!   map keyed by the connection's 4-tuple, which is what the agent can see
+//!   when it accepts the connection.
+//!
+//! The programs never refuse a connection: a failed record only means the agent
+//! finds nothing and refuses it, so every failure mode is fail-closed.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use core::ptr::read_volatile;
+use podid_ebpf::{
+    AF_INET, AF_INET6, ConnectRecord, Counter, DEFAULT_RECORD_CAPACITY, EXEMPT_CAPACITY, PeerKey,
+    RedirectConfig,
+};
+
+/// `cgroup/connect*` programs must return 1 to let the `connect()` proceed.
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+/// `::ffff:0:0/96` prefix word as the kernel stores it (network byte order).
+const V4_MAPPED_PREFIX: u32 = 0x0000_ffffu32.to_be();
+
+#[map]
+static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static EXEMPT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(EXEMPT_CAPACITY, 0);
+
+#[map]
+static SOCKET_RECORDS: LruHashMap<u64, ConnectRecord> =
+    LruHashMap::with_max_entries(DEFAULT_RECORD_CAPACITY, 0);
+
+#[map]
+static PEER_RECORDS: LruHashMap<PeerKey, ConnectRecord> =
+    LruHashMap::with_max_entries(DEFAULT_RECORD_CAPACITY, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static RedirectConfig> {
+    let config = CONFIG.get(0)?;
+    if config.agent_port == 0 {
+        None
+    } else {
+        Some(config)
+    }
+}
+
+/// Common part of connect4/connect6 once the destination is known as an IPv4
+/// address: decide, record, and tell the caller what to write back.
+#[inline(always)]
+fn redirect_target(
+    ctx: &SockAddrContext,
+    dst_addr: u32,
+    dst_port: u32,
+    family: u16,
+) -> Option<(u32, u32)> {
+    let config = config()?;
+    if dst_addr != config.imds_addr || dst_port != config.imds_port {
+        return None;
+    }
+    // SAFETY: helper with no arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: reading a map value; the key type is plain data.
+    if unsafe { EXEMPT_CGROUPS.get(&cgroup_id) }.is_some() {
+        count(Counter::Exempt);
+        return None;
+    }
+    // SAFETY: ctx is the program's own bpf_sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let record = ConnectRecord {
+        cgroup_id,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        orig_addr: dst_addr,
+        orig_port: dst_port,
+        family: u32::from(family),
+    };
+    if SOCKET_RECORDS
+        .insert(&cookie, &record, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(Counter::RecordFailed);
+        warn!(ctx, "podid: cannot record connect for cgroup {}", cgroup_id);
+    }
+    count(Counter::Redirected);
+    Some((config.agent_addr, config.agent_port))
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn podid_connect4(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the verifier allows reading these bpf_sock_addr fields in connect4.
+    let (sock_type, dst_addr, dst_port) = unsafe { ((*sa).type_, (*sa).user_ip4, (*sa).user_port) };
+    if sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
+    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, dst_addr, dst_port, AF_INET) {
+        // SAFETY: connect4 may rewrite user_ip4 and user_port.
+        unsafe {
+            (*sa).user_ip4 = agent_addr;
+            (*sa).user_port = agent_port;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn podid_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: the verifier allows reading these bpf_sock_addr fields in connect6.
+    let (sock_type, ip6, dst_port) = unsafe { ((*sa).type_, (*sa).user_ip6, (*sa).user_port) };
+    if sock_type != SOCK_STREAM {
+        return ALLOW;
+    }
+    // Only the v4-mapped form can name IMDS; native IPv6 is left alone.
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
+        return ALLOW;
+    }
+    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, ip6[3], dst_port, AF_INET6) {
+        // SAFETY: connect6 may rewrite user_ip6 (as four 32-bit stores) and user_port.
+        unsafe {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = V4_MAPPED_PREFIX;
+            (*sa).user_ip6[3] = agent_addr;
+            (*sa).user_port = agent_port;
+        }
+    }
+    ALLOW
+}
+
+/// Returns (local address, remote address) as IPv4, for AF_INET sockets and
+/// AF_INET6 sockets talking v4-mapped.
+///
+/// Every context field is read with a volatile load in the branch that needs
+/// it: otherwise LLVM merges the branches into one load through a computed
+/// context pointer, which the verifier rejects ("dereference of modified ctx ptr").
+#[inline(always)]
+fn ipv4_endpoints(ctx: &SockOpsContext) -> Option<(u32, u32)> {
+    let ops = ctx.ops;
+    // SAFETY: ops is the program's context; these fields are readable in sock_ops.
+    unsafe {
+        let family = read_volatile(&(*ops).family);
+        if family == u32::from(AF_INET) {
+            return Some((
+                read_volatile(&(*ops).local_ip4),
+                read_volatile(&(*ops).remote_ip4),
+            ));
+        }
+        if family != u32::from(AF_INET6) {
+            return None;
+        }
+        let local = [
+            read_volatile(&(*ops).local_ip6[0]),
+            read_volatile(&(*ops).local_ip6[1]),
+            read_volatile(&(*ops).local_ip6[2]),
+            read_volatile(&(*ops).local_ip6[3]),
+        ];
+        let remote = [
+            read_volatile(&(*ops).remote_ip6[0]),
+            read_volatile(&(*ops).remote_ip6[1]),
+            read_volatile(&(*ops).remote_ip6[2]),
+            read_volatile(&(*ops).remote_ip6[3]),
+        ];
+        let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_PREFIX;
+        if mapped(local) && mapped(remote) {
+            Some((local[3], remote[3]))
+        } else {
+            None
+        }
+    }
+}
+
+#[sock_ops]
+pub fn podid_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        record_peer(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn record_peer(ctx: &SockOpsContext) {
+    let Some(config) = config() else { return };
+    let Some((local_addr, remote_addr)) = ipv4_endpoints(ctx) else {
+        return;
+    };
+    // remote_port holds the network-order port in the high half; local_port is host order.
+    // SAFETY: context fields readable in sock_ops.
+    let (remote_port, local_port) = unsafe {
+        (
+            read_volatile(&(*ctx.ops).remote_port),
+            read_volatile(&(*ctx.ops).local_port),
+        )
+    };
+    let remote_port = u32::from_be(remote_port) as u16;
+    let agent_port = u16::from_be(config.agent_port as u16);
+    if remote_addr != config.agent_addr || remote_port != agent_port {
+        return;
+    }
+    let key = PeerKey {
+        client_addr: local_addr,
+        agent_addr: remote_addr,
+        client_port: local_port as u16,
+        agent_port: remote_port,
+    };
+    // SAFETY: ctx is the program's own bpf_sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: plain-data map value, copied out immediately.
+    let record = unsafe { SOCKET_RECORDS.get(&cookie) }.copied();
+    match record {
+        Some(record) => {
+            if PEER_RECORDS
+                .insert(&key, &record, u64::from(BPF_ANY))
+                .is_ok()
+            {
+                count(Counter::Recorded);
+            } else {
+                count(Counter::RecordFailed);
+            }
+            let _ = SOCKET_RECORDS.remove(&cookie);
+        }
+        None => {
+            // A connection straight to the agent. Drop any stale record left by
+            // an earlier connection with the same 4-tuple, so this one can never
+            // inherit someone else's cgroup.
+            let _ = PEER_RECORDS.remove(&key);
+            count(Counter::RecordMissing);
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

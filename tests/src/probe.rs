@@ -1,0 +1,85 @@
+//! Running `podid-probe`, the workload stand-in, inside a cgroup.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::privileged::{ChildGuard, in_cgroup, workspace_binary};
+
+/// What a probe should do.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeSpec {
+    /// Destination (before any redirect).
+    pub connect: Option<SocketAddrV4>,
+    /// Use an AF_INET6 socket with the v4-mapped address.
+    pub inet6: bool,
+    /// Bind to this local address first.
+    pub bind: Option<SocketAddrV4>,
+    /// Send `GET <path>` and read the response.
+    pub http_path: Option<String>,
+    /// Extra request headers, `Name: value`.
+    pub headers: Vec<String>,
+    /// Keep the connection open this long before closing.
+    pub hold: Duration,
+}
+
+impl ProbeSpec {
+    /// A plain connect to `addr`.
+    pub fn connect(addr: SocketAddrV4) -> Self {
+        Self {
+            connect: Some(addr),
+            ..Self::default()
+        }
+    }
+
+    /// The command line for this probe.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(workspace_binary("podid-probe"));
+        if let Some(addr) = self.connect {
+            cmd.arg("--connect").arg(addr.to_string());
+        }
+        if self.inet6 {
+            cmd.arg("--inet6");
+        }
+        if let Some(bind) = self.bind {
+            cmd.arg("--bind").arg(bind.to_string());
+        }
+        if let Some(path) = &self.http_path {
+            cmd.arg("--http").arg(path);
+        }
+        for header in &self.headers {
+            cmd.arg("--header").arg(header);
+        }
+        if !self.hold.is_zero() {
+            cmd.arg("--hold-ms").arg(self.hold.as_millis().to_string());
+        }
+        cmd
+    }
+
+    /// Starts the probe inside `cgroup`, with stdout captured.
+    pub fn spawn_in(&self, cgroup: &Path) -> ChildGuard {
+        let mut cmd = self.command();
+        in_cgroup(&mut cmd, cgroup).stdout(Stdio::piped());
+        ChildGuard::new(cmd.spawn().expect("spawn podid-probe"))
+    }
+
+    /// Runs the probe inside `cgroup` to completion and returns its JSON report.
+    pub fn run_in(&self, cgroup: &Path) -> Value {
+        let child = self.spawn_in(cgroup);
+        finish(child)
+    }
+}
+
+/// Waits for a spawned probe and parses its JSON report.
+pub fn finish(guard: ChildGuard) -> Value {
+    let child = guard.into_inner();
+    let out = child.wait_with_output().expect("wait for podid-probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("podid-probe printed {text:?}: {e}"))
+}
