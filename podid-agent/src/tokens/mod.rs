@@ -1,0 +1,1 @@
+//! Getting, caching and refreshing tokens from upstream. Being written.

@@ -1,0 +1,1 @@
+//! Emulated Azure Resource Manager (VMs and VM scale sets). Being written.

@@ -1,0 +1,1 @@
+//! Emulated Azure token endpoints (IMDS and Entra ID). Being written.
