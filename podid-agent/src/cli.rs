@@ -8,7 +8,12 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::redirect::{self, DEFAULT_PIN_ROOT, Redirect, RedirectOptions};
+use crate::{
+    audit::{AuditQuery, Outcome, read_records, summarize},
+    config::{LogFormat, RunArgs},
+    redirect::{self, DEFAULT_PIN_ROOT, Redirect, RedirectOptions},
+    telemetry::{self, LogTarget},
+};
 
 /// podid node agent: gives each pod a token for its own Azure identity
 /// through the standard IMDS endpoint.
@@ -22,9 +27,45 @@ pub struct Cli {
 /// What to do.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the agent: install the redirect and serve the IMDS endpoint.
+    Run(Box<RunArgs>),
+    /// Query the audit log.
+    Audit(AuditArgs),
     /// Install, inspect or remove the kernel redirect without running the agent.
     #[command(subcommand)]
     Redirect(RedirectCommand),
+}
+
+/// `podid-agent audit`: which workloads got which tokens.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The audit log (rotated files next to it are read too).
+    #[arg(long, env = "PODID_AUDIT_LOG")]
+    pub file: PathBuf,
+    /// Only this workload namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only this pod (or LocalWorkload).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only this identity: `namespace/name`, a bare name, or a client id.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// Only this outcome (issued, identity_not_found, unattributed, …).
+    #[arg(long)]
+    pub outcome: Option<Outcome>,
+    /// Only this resource (audience).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Only records newer than this: a duration ago (`1h`, `30m`) or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records older than this (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Print one line per (namespace, pod, identity, outcome) with counts.
+    #[arg(long)]
+    pub summary: bool,
 }
 
 /// `podid-agent redirect …`
@@ -87,20 +128,22 @@ impl InstallArgs {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PODID_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
-    init_tracing();
     let result = match cli.command {
-        Command::Redirect(cmd) => run_redirect(cmd),
+        Command::Run(args) => {
+            telemetry::init(&args.log_level, args.log_format, LogTarget::Stdout);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(crate::agent::run(*args)))
+        }
+        Command::Audit(args) => run_audit(args),
+        Command::Redirect(cmd) => {
+            telemetry::init("info", LogFormat::Text, LogTarget::Stderr);
+            run_redirect(cmd)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,4 +197,51 @@ fn run_redirect(cmd: RedirectCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--since`/`--until`: a duration ago, or an RFC 3339 time.
+fn parse_time(value: &str) -> anyhow::Result<std::time::SystemTime> {
+    if let Ok(ago) = humantime::parse_duration(value) {
+        return std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| anyhow::anyhow!("{value} is too long ago"));
+    }
+    humantime::parse_rfc3339_weak(value).map_err(|e| {
+        anyhow::anyhow!("{value:?} is neither a duration (1h) nor an RFC 3339 time: {e}")
+    })
+}
+
+fn run_audit(args: AuditArgs) -> anyhow::Result<()> {
+    let query = AuditQuery {
+        namespace: args.namespace,
+        pod: args.pod,
+        identity: args.identity,
+        outcome: args.outcome,
+        resource: args.resource,
+        since: args.since.as_deref().map(parse_time).transpose()?,
+        until: args.until.as_deref().map(parse_time).transpose()?,
+    };
+    let records = read_records(&args.file, &query)?;
+    if args.summary {
+        println!(
+            "{:<20} {:<30} {:<30} {:<20} {:>8}  LAST",
+            "NAMESPACE", "POD", "IDENTITY", "OUTCOME", "REQUESTS"
+        );
+        for s in summarize(&records) {
+            println!(
+                "{:<20} {:<30} {:<30} {:<20} {:>8}  {}",
+                s.namespace,
+                s.pod,
+                s.identity,
+                s.outcome.as_str(),
+                s.requests,
+                s.last
+            );
+        }
+    } else {
+        for record in records {
+            println!("{}", serde_json::to_string(&record)?);
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,12 @@
 //! the Azure emulators the end-to-end tests and the demo run against.
 
 pub mod arm;
+pub mod bench;
 pub mod emulator;
+pub mod harness;
 pub mod privileged;
 pub mod probe;
+
+/// The IMDS address every workload dials.
+pub const IMDS: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);

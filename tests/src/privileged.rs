@@ -439,3 +439,75 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// A second network namespace (a "pod"), joined to the current one by a veth
+/// pair: `host_addr` on this side, `pod_addr` inside, default route via the
+/// host side. Removed on drop. Threads enter it with [`PodNetns::enter`].
+pub struct PodNetns {
+    name: String,
+    host_if: String,
+}
+
+impl PodNetns {
+    /// Creates the namespace and the link. Addresses are `a.b.c.d` in a /24.
+    pub fn new(host_addr: &str, pod_addr: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let name = format!("podid-{}-{id}", std::process::id());
+        let host_if = format!("pdh{}x{id}", std::process::id() % 100_000);
+        let pod_if = format!("pdp{}x{id}", std::process::id() % 100_000);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let guard = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+        };
+        run_ok(Command::new("ip").args([
+            "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", &pod_if, "netns", &name]));
+        run_ok(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{host_addr}/24"),
+            "dev",
+            &host_if,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", &host_if, "up"]));
+        let in_pod = |args: &[&str]| {
+            run_ok(
+                Command::new("ip")
+                    .args(["netns", "exec", &name, "ip"])
+                    .args(args),
+            );
+        };
+        in_pod(&["link", "set", "lo", "up"]);
+        in_pod(&["addr", "add", &format!("{pod_addr}/24"), "dev", &pod_if]);
+        in_pod(&["link", "set", &pod_if, "up"]);
+        in_pod(&["route", "add", "default", "via", host_addr]);
+        guard
+    }
+
+    /// Moves the calling thread into the pod namespace (for good: use a
+    /// dedicated thread).
+    pub fn enter(&self) {
+        let file = fs::File::open(format!("/run/netns/{}", self.name)).expect("open pod netns");
+        // SAFETY: valid netns fd; affects only the calling thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+    }
+
+    /// The namespace's name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

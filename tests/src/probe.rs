@@ -26,6 +26,10 @@ pub struct ProbeSpec {
     pub headers: Vec<String>,
     /// Keep the connection open this long before closing.
     pub hold: Duration,
+    /// Send these bytes instead of a well-formed request.
+    pub raw: Option<String>,
+    /// Connections opened at once, each doing the same (1 if 0).
+    pub concurrency: usize,
 }
 
 impl ProbeSpec {
@@ -55,6 +59,12 @@ impl ProbeSpec {
         for header in &self.headers {
             cmd.arg("--header").arg(header);
         }
+        if let Some(raw) = &self.raw {
+            cmd.arg("--raw").arg(raw);
+        }
+        if self.concurrency > 1 {
+            cmd.arg("--concurrency").arg(self.concurrency.to_string());
+        }
         if !self.hold.is_zero() {
             cmd.arg("--hold-ms").arg(self.hold.as_millis().to_string());
         }
@@ -82,4 +92,16 @@ pub fn finish(guard: ChildGuard) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("podid-probe printed {text:?}: {e}"))
+}
+
+impl ProbeSpec {
+    /// A well-formed IMDS token request for `query`, with `Metadata: true`.
+    pub fn token_request(query: &str) -> Self {
+        Self {
+            connect: Some(crate::IMDS),
+            http_path: Some(format!("/metadata/identity/oauth2/token?{query}")),
+            headers: vec!["Metadata: true".into()],
+            ..Self::default()
+        }
+    }
 }

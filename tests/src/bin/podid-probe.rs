@@ -7,7 +7,12 @@
 //! podid-probe --connect 169.254.169.254:80 [--inet6] [--bind 127.0.0.1:0]
 //!             [--http /metadata/identity/oauth2/token?resource=x] [--header 'K: V']...
 //!             [--hold-ms 500] [--connect-timeout-ms 2000]
+//!             [--raw 'GET / HTTP/1.1\r\n\r\n'] [--concurrency N]
 //! ```
+//!
+//! `--raw` sends exactly the given bytes (`\r` and `\n` escapes are
+//! expanded) instead of a well-formed request. `--concurrency N` opens N
+//! connections at once, each doing the same, and reports them all.
 
 use std::{
     io::{Read, Write},
@@ -27,11 +32,14 @@ struct Args {
     headers: Vec<String>,
     hold_ms: u64,
     connect_timeout_ms: u64,
+    raw: Option<String>,
+    concurrency: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         connect_timeout_ms: 2000,
+        concurrency: 1,
         ..Args::default()
     };
     let mut it = std::env::args().skip(1);
@@ -44,6 +52,8 @@ fn parse_args() -> Result<Args, String> {
             "--http" => args.http = Some(value()?),
             "--header" => args.headers.push(value()?),
             "--hold-ms" => args.hold_ms = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--raw" => args.raw = Some(value()?.replace("\\r", "\r").replace("\\n", "\n")),
+            "--concurrency" => args.concurrency = value()?.parse().map_err(|e| format!("{e}"))?,
             "--connect-timeout-ms" => {
                 args.connect_timeout_ms = value()?.parse().map_err(|e| format!("{e}"))?
             }
@@ -114,13 +124,21 @@ fn run(args: &Args) -> serde_json::Value {
         "connect_us": connect_us,
     });
     let mut stream: std::net::TcpStream = socket.into();
-    if let Some(path) = &args.http {
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n");
-        for header in &args.headers {
-            request.push_str(header);
+    let request = match (&args.raw, &args.http) {
+        (Some(raw), _) => Some(raw.clone()),
+        (None, Some(path)) => {
+            let mut request =
+                format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n");
+            for header in &args.headers {
+                request.push_str(header);
+                request.push_str("\r\n");
+            }
             request.push_str("\r\n");
+            Some(request)
         }
-        request.push_str("\r\n");
+        (None, None) => None,
+    };
+    if let Some(request) = request {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         if let Err(e) = stream.write_all(request.as_bytes()) {
             out["error"] = json!(format!("write: {e}"));
@@ -148,6 +166,27 @@ fn run(args: &Args) -> serde_json::Value {
 
 fn main() {
     let output = match parse_args() {
+        Ok(args) if args.concurrency > 1 => {
+            let barrier = std::sync::Barrier::new(args.concurrency);
+            let results: Vec<serde_json::Value> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..args.concurrency)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            run(&args)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| json!({"error": "thread panicked"}))
+                    })
+                    .collect()
+            });
+            json!({ "results": results })
+        }
         Ok(args) => run(&args),
         Err(e) => json!({"error": e}),
     };

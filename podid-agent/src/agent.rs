@@ -1,0 +1,255 @@
+//! Putting the agent together: bind the endpoint, install the kernel
+//! redirect, load workloads, serve until SIGTERM. The redirect stays pinned
+//! when the agent exits, so pods are never sent to the real IMDS while the
+//! agent restarts or upgrades.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    attribution::CgroupPaths,
+    audit::{AuditConfig, AuditLog},
+    config::{Mode, RunArgs},
+    health::{self, Readiness},
+    identity::NamespaceRule,
+    metrics::{Metrics, ScrapeSource},
+    redirect::{self, Redirect, RedirectOptions, cgroup},
+    server::{self, AppState, ServerSettings},
+    tokens::{
+        FileSecretSource, SecretSource, TokenConfig, TokenService, Upstream, UpstreamObserver,
+    },
+    workloads::{WorkloadSource, standalone::StandaloneSource},
+};
+
+/// Where kubelet puts pods, relative to the cgroup2 mount, most common first.
+const KUBEPODS_CANDIDATES: [&str; 4] = [
+    "kubepods.slice",
+    "kubepods",
+    "kubelet.slice/kubelet-kubepods.slice",
+    "kubelet/kubepods",
+];
+
+/// Finds kubelet's pod cgroup under the cgroup2 mount.
+pub fn find_kubepods(mount: &Path) -> Option<PathBuf> {
+    KUBEPODS_CANDIDATES
+        .iter()
+        .map(|c| mount.join(c))
+        .find(|p| p.is_dir())
+}
+
+impl UpstreamObserver for Metrics {
+    fn upstream_call(&self, upstream: Upstream, status: Option<u16>, elapsed: Duration) {
+        let name = match upstream {
+            Upstream::Imds => "imds",
+            Upstream::EntraId => "entra_id",
+        };
+        Metrics::upstream_call(self, name, status, elapsed);
+    }
+}
+
+#[derive(Debug)]
+struct Scrape {
+    redirect: Arc<Redirect>,
+    audit: Arc<AuditLog>,
+    tokens: Arc<TokenService>,
+}
+
+impl ScrapeSource for Scrape {
+    fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
+        self.redirect
+            .counters()
+            .map(|c| c.iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn audit_counts(&self) -> (u64, u64) {
+        (self.audit.written(), self.audit.lost())
+    }
+
+    fn cached_tokens(&self) -> usize {
+        self.tokens.cached_len()
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node = args.node_name();
+    let listen = args.listen_addr().map_err(anyhow::Error::msg)?;
+    let mount = match &args.cgroup_mount {
+        Some(mount) => mount.clone(),
+        None => {
+            cgroup::cgroup2_mount()
+                .context("finding the cgroup2 mount")?
+                .mount_point
+        }
+    };
+    let cgroups = Arc::new(
+        CgroupPaths::new(&mount)
+            .with_context(|| format!("opening the cgroup2 hierarchy at {}", mount.display()))?,
+    );
+    let cgroup_root = match (&args.cgroup_root, &args.workloads) {
+        (Some(root), _) => root.clone(),
+        (None, Some(_)) => mount.clone(),
+        (None, None) => find_kubepods(&mount).with_context(|| {
+            format!(
+                "no kubepods cgroup under {}; pass --cgroup-root",
+                mount.display()
+            )
+        })?,
+    };
+    let root_relative = cgroup_root
+        .strip_prefix(&mount)
+        .with_context(|| {
+            format!(
+                "--cgroup-root {} is not below the cgroup2 mount {}",
+                cgroup_root.display(),
+                mount.display()
+            )
+        })?
+        .to_path_buf();
+
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_not_ready("starting");
+    let (stop, stopped) = watch::channel(false);
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+    let health = tokio::spawn(health::serve(
+        metrics_listener,
+        metrics.clone(),
+        readiness.clone(),
+        stopped.clone(),
+    ));
+
+    // Bind before redirecting, so redirected connections find a listener.
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding --listen {listen}"))?;
+    let redirect = Arc::new(
+        Redirect::install(&RedirectOptions {
+            cgroup_root: cgroup_root.clone(),
+            pin_root: args.bpffs_dir.clone(),
+            imds: args.intercept,
+            agent: redirect::ipv4_socket(listen)?,
+            exempt_self: true,
+            exempt: Vec::new(),
+            record_capacity: None,
+        })
+        .context("installing the kernel redirect")?,
+    );
+    if let Some(ebpf) = redirect.take_ebpf() {
+        tokio::spawn(redirect::forward_kernel_logs(ebpf));
+    }
+
+    let audit = Arc::new(AuditLog::start(AuditConfig {
+        path: args.audit_log.clone(),
+        max_bytes: args.audit_log_max_bytes,
+        max_files: args.audit_log_max_files,
+    }));
+    let rule = if args.force_namespaced || args.mode == Mode::Managed {
+        NamespaceRule::Namespaced
+    } else {
+        NamespaceRule::Cluster
+    };
+    let secrets: Arc<dyn SecretSource> = match &args.secrets_dir {
+        Some(dir) => Arc::new(FileSecretSource::new(dir.clone())),
+        // Every lookup then fails, saying that --secrets-dir is not set.
+        None => Arc::new(FileSecretSource::unconfigured()),
+    };
+    let tokens = Arc::new(
+        TokenService::new(
+            TokenConfig {
+                imds_endpoint: args.imds_endpoint.clone(),
+                aad_authority: args.aad_authority.clone(),
+                max_entries: args.token_cache_size,
+                upstream_concurrency: args.upstream_concurrency,
+                ..TokenConfig::default()
+            },
+            secrets.clone(),
+            metrics.clone(),
+        )
+        .context("configuring the token service")?,
+    );
+    metrics.set_scrape_source(Arc::new(Scrape {
+        redirect: redirect.clone(),
+        audit: audit.clone(),
+        tokens: tokens.clone(),
+    }));
+    let settings = ServerSettings {
+        imds_endpoint: args.imds_endpoint.clone(),
+        block_instance_metadata: args.block_instance_metadata,
+        assignment_wait: args.assignment_wait,
+        max_connections: args.max_connections,
+        max_header_bytes: args.max_header_bytes,
+        header_timeout: args.header_timeout,
+        ..ServerSettings::default()
+    };
+
+    let Some(workloads) = &args.workloads else {
+        bail!(
+            "Kubernetes mode is not available in this build yet; run standalone with --workloads FILE"
+        );
+    };
+    let source = Arc::new(
+        StandaloneSource::load(workloads, &root_relative, rule, secrets)
+            .context("loading --workloads")?,
+    );
+    tokio::spawn(source.clone().watch(Duration::from_secs(2)));
+    let records: Arc<dyn server::PeerRecords> = redirect.clone();
+    let state = Arc::new(AppState::new(
+        node.clone(),
+        source.clone(),
+        records,
+        cgroups,
+        tokens,
+        audit.clone(),
+        metrics.clone(),
+        settings,
+    )?);
+    let serving = tokio::spawn(server::serve(listener, state, stopped.clone()));
+    if source.is_ready() {
+        readiness.set_ready();
+    }
+    info!(
+        %node,
+        %listen,
+        cgroup_root = %cgroup_root.display(),
+        mode = ?args.mode,
+        standalone = true,
+        "podid-agent ready"
+    );
+
+    wait_for_signal().await;
+    info!("shutting down; the kernel redirect stays pinned");
+    readiness.set_not_ready("shutting down");
+    let _ = stop.send(true);
+    if let Err(error) = serving.await {
+        warn!(%error, "server task failed");
+    }
+    let _ = health.await;
+    audit.flush();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,407 @@
+//! Writing audit records: a tracing event for each, and a JSON line in the
+//! audit file, appended by a dedicated thread so a slow or full disk never
+//! holds up a token response.
+//!
+//! Failure stance: the agent keeps serving when the audit file cannot be
+//! written (disk full, read-only, deleted directory). Each lost record is
+//! counted (`podid_audit_records_lost_total`), and stderr says so, once per
+//! failure streak. The tracing copy on stdout is unaffected. We chose this
+//! over failing closed because pods' access to their own identity should not
+//! depend on the node's log disk; the metric lets operators alert on it.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
+};
+
+use tracing::info;
+
+use super::record::{AUDIT_TARGET, AuditRecord};
+
+/// Records queued for the writer thread before new ones are dropped (and counted).
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Where and how to keep the audit file.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The JSON-lines file; `None` for the tracing copy only.
+    pub path: Option<PathBuf>,
+    /// Rotate when the file would grow past this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` … `FILE.N`, `.1` newest).
+    pub max_files: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_bytes: 100 * 1024 * 1024,
+            max_files: 5,
+        }
+    }
+}
+
+/// Errors from the audit file (reported, never returned to a request).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("opening audit log {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing audit log {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rotating audit log {path}")]
+    Rotate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the writer thread receives.
+#[derive(Debug)]
+enum Message {
+    Line(String),
+    Flush(SyncSender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    written: AtomicU64,
+    lost: AtomicU64,
+}
+
+/// The audit sink.
+#[derive(Debug)]
+pub struct AuditLog {
+    sender: Option<SyncSender<Message>>,
+    counts: Arc<Counts>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AuditLog {
+    /// Starts the writer. Never fails: an unusable file is reported and
+    /// retried on every record.
+    pub fn start(config: AuditConfig) -> Self {
+        let counts = Arc::new(Counts::default());
+        let Some(path) = config.path.clone() else {
+            return Self {
+                sender: None,
+                counts,
+                thread: None,
+            };
+        };
+        let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let thread_counts = counts.clone();
+        let thread = std::thread::Builder::new()
+            .name("podid-audit".into())
+            .spawn(move || FileWriter::new(path, config).run(receiver, &thread_counts))
+            .ok();
+        Self {
+            sender: thread.as_ref().map(|_| sender),
+            counts,
+            thread,
+        }
+    }
+
+    /// Records one request.
+    pub fn record(&self, record: &AuditRecord) {
+        let line = match serde_json::to_string(record) {
+            Ok(line) => line,
+            Err(_) => {
+                self.counts.lost.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        info!(
+            target: AUDIT_TARGET,
+            namespace = %record.namespace,
+            pod = %record.pod,
+            identity = %record.identity,
+            resource = %record.resource,
+            status = record.status,
+            outcome = record.outcome.as_str(),
+            reason = %record.reason,
+            cache = ?record.cache,
+            latency_us = record.latency_us,
+            record = %line,
+            "audit"
+        );
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        match sender.try_send(Message::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counts.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records written to the file so far.
+    pub fn written(&self) -> u64 {
+        self.counts.written.load(Ordering::Relaxed)
+    }
+
+    /// Records that could not be written to the file.
+    pub fn lost(&self) -> u64 {
+        self.counts.lost.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything queued so far is written (or lost).
+    pub fn flush(&self) {
+        let Some(sender) = &self.sender else { return };
+        let (done, wait) = mpsc::sync_channel(1);
+        if sender.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct FileWriter {
+    path: PathBuf,
+    config: AuditConfig,
+    file: Option<BufWriter<File>>,
+    size: u64,
+    failing: bool,
+}
+
+impl FileWriter {
+    fn new(path: PathBuf, config: AuditConfig) -> Self {
+        Self {
+            path,
+            config,
+            file: None,
+            size: 0,
+            failing: false,
+        }
+    }
+
+    fn run(mut self, receiver: Receiver<Message>, counts: &Counts) {
+        while let Ok(message) = receiver.recv() {
+            self.handle(message, counts);
+            // Drain what is queued, then flush once: bursts are batched.
+            while let Ok(message) = receiver.try_recv() {
+                self.handle(message, counts);
+            }
+            self.flush_quietly();
+        }
+        self.flush_quietly();
+    }
+
+    fn handle(&mut self, message: Message, counts: &Counts) {
+        let line = match message {
+            Message::Line(line) => line,
+            Message::Flush(done) => {
+                self.flush_quietly();
+                let _ = done.send(());
+                return;
+            }
+        };
+        match self.write_line(&line) {
+            Ok(()) => {
+                counts.written.fetch_add(1, Ordering::Relaxed);
+                if self.failing {
+                    eprintln!(
+                        "podid-agent: audit log {} is writable again",
+                        self.path.display()
+                    );
+                    self.failing = false;
+                }
+            }
+            Err(error) => {
+                counts.lost.fetch_add(1, Ordering::Relaxed);
+                if !self.failing {
+                    eprintln!(
+                        "podid-agent: {}: {}; audit records are being lost (see podid_audit_records_lost_total)",
+                        error,
+                        std::error::Error::source(&error)
+                            .map(ToString::to_string)
+                            .unwrap_or_default()
+                    );
+                    self.failing = true;
+                }
+                // Reopen on the next record: the file may have been removed.
+                self.file = None;
+            }
+        }
+    }
+
+    fn flush_quietly(&mut self) {
+        if let Some(file) = &mut self.file
+            && file.flush().is_err()
+        {
+            self.file = None;
+        }
+    }
+
+    fn open(&mut self) -> Result<(), AuditError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(|source| AuditError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|source| AuditError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.file = Some(BufWriter::new(file));
+        Ok(())
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<(), AuditError> {
+        let needed = line.len() as u64 + 1;
+        if self.file.is_some() && self.size > 0 && self.size + needed > self.config.max_bytes {
+            self.rotate()?;
+        }
+        if self.file.is_none() {
+            self.open()?;
+        }
+        let path = self.path.clone();
+        let file = self.file.as_mut().ok_or_else(|| AuditError::Write {
+            path: path.clone(),
+            source: std::io::Error::other("audit file not open"),
+        })?;
+        let result = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.write_all(b"\n"));
+        result.map_err(|source| AuditError::Write { path, source })?;
+        self.size += needed;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.flush_quietly();
+        self.file = None;
+        let rotate_err = |source| AuditError::Rotate {
+            path: self.path.clone(),
+            source,
+        };
+        if self.config.max_files == 0 {
+            return fs::remove_file(&self.path).map_err(rotate_err);
+        }
+        for i in (1..self.config.max_files).rev() {
+            let from = rotated(&self.path, i);
+            if from.exists() {
+                fs::rename(&from, rotated(&self.path, i + 1)).map_err(rotate_err)?;
+            }
+        }
+        fs::rename(&self.path, rotated(&self.path, 1)).map_err(rotate_err)
+    }
+}
+
+/// Path of the `n`th rotated file (`FILE.n`).
+pub(crate) fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "podid-audit-{label}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn record(pod: &str) -> AuditRecord {
+        AuditRecord {
+            pod: pod.into(),
+            ..AuditRecord::default()
+        }
+    }
+
+    #[test]
+    fn writes_json_lines_and_rotates_by_size() {
+        let dir = temp_dir("rotate");
+        let path = dir.join("audit.log");
+        let log = AuditLog::start(AuditConfig {
+            path: Some(path.clone()),
+            max_bytes: 2000,
+            max_files: 2,
+        });
+        for i in 0..40 {
+            log.record(&record(&format!("pod-{i}")));
+        }
+        log.flush();
+        assert_eq!(log.written(), 40);
+        assert_eq!(log.lost(), 0);
+        let current = fs::read_to_string(&path).unwrap();
+        let last: AuditRecord = serde_json::from_str(current.lines().last().unwrap()).unwrap();
+        assert_eq!(last.pod, "pod-39");
+        assert!(rotated(&path, 1).exists());
+        assert!(rotated(&path, 2).exists());
+        assert!(
+            !rotated(&path, 3).exists(),
+            "only max_files rotated files are kept"
+        );
+        for file in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
+            assert!(fs::metadata(&file).unwrap().len() <= 2000);
+        }
+        drop(log);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unwritable_file_counts_lost_records_and_recovers() {
+        let dir = temp_dir("unwritable");
+        // A directory where the file should be: every open fails.
+        let path = dir.join("audit.log");
+        fs::create_dir(&path).unwrap();
+        let log = AuditLog::start(AuditConfig {
+            path: Some(path.clone()),
+            ..AuditConfig::default()
+        });
+        log.record(&record("a"));
+        log.record(&record("b"));
+        log.flush();
+        assert_eq!(log.lost(), 2);
+        assert_eq!(log.written(), 0);
+        fs::remove_dir(&path).unwrap();
+        log.record(&record("c"));
+        log.flush();
+        assert_eq!(log.written(), 1);
+        assert!(fs::read_to_string(&path).unwrap().contains("\"pod\":\"c\""));
+        drop(log);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

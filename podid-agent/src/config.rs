@@ -1,0 +1,185 @@
+//! `podid-agent run`'s configuration: every flag, also settable as a
+//! `PODID_…` environment variable (DESIGN.md's operator interface).
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, ValueEnum};
+
+use crate::redirect::DEFAULT_PIN_ROOT;
+
+/// aad-pod-identity's operation modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The controller assigns identities; the agent serves an identity only
+    /// once its AzureAssignedIdentity is `Assigned`.
+    Standard,
+    /// No controller: identities are assigned to the VMs/VMSS by hand; pod,
+    /// binding and identity must share a namespace.
+    Managed,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `podid-agent run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address of the token endpoint; pods' IMDS connections are redirected
+    /// here. Default: `$NODE_IP:2579`.
+    #[arg(long, env = "PODID_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// This node's IP (from the downward API), used for the default --listen.
+    #[arg(long, env = "NODE_IP", hide = true)]
+    pub node_ip: Option<IpAddr>,
+
+    /// This node's name (from the downward API). Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Upstream IMDS, for user-assigned identity tokens and proxied paths.
+    #[arg(
+        long,
+        env = "PODID_IMDS_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
+    pub imds_endpoint: String,
+
+    /// Entra ID authority for service-principal identities.
+    #[arg(
+        long,
+        env = "PODID_AAD_AUTHORITY",
+        default_value = "https://login.microsoftonline.com"
+    )]
+    pub aad_authority: String,
+
+    /// Destination whose connections are redirected.
+    #[arg(long, env = "PODID_INTERCEPT", default_value = "169.254.169.254:80")]
+    pub intercept: SocketAddrV4,
+
+    /// cgroup the redirect is attached to; every process below it is
+    /// redirected. Default: kubelet's kubepods cgroup (Kubernetes mode) or
+    /// the cgroup2 root (standalone mode).
+    #[arg(long, env = "PODID_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Where the host's cgroup2 hierarchy is mounted. Default: the cgroup2
+    /// mount found in /proc/self/mountinfo.
+    #[arg(long, env = "PODID_CGROUP_MOUNT")]
+    pub cgroup_mount: Option<PathBuf>,
+
+    /// bpffs directory for podid's pins.
+    #[arg(long, env = "PODID_BPFFS_DIR", default_value = DEFAULT_PIN_ROOT)]
+    pub bpffs_dir: PathBuf,
+
+    /// Standalone mode: a YAML file of AzureIdentity, AzureIdentityBinding and
+    /// LocalWorkload objects. Without it the agent runs in Kubernetes mode.
+    #[arg(long, env = "PODID_WORKLOADS")]
+    pub workloads: Option<PathBuf>,
+
+    /// Standalone mode: directory of service-principal secrets
+    /// (`<dir>/<namespace>/<name>/…`, see the docs).
+    #[arg(long, env = "PODID_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+
+    /// standard (needs the controller) or managed.
+    #[arg(long, env = "PODID_MODE", value_enum, default_value = "standard")]
+    pub mode: Mode,
+
+    /// Pods may only use bindings and identities of their own namespace.
+    #[arg(long, env = "PODID_FORCE_NAMESPACED")]
+    pub force_namespaced: bool,
+
+    /// Answer /metadata/instance with 403 instead of forwarding it to IMDS.
+    #[arg(long, env = "PODID_BLOCK_INSTANCE_METADATA")]
+    pub block_instance_metadata: bool,
+
+    /// Standard mode: how long a request waits for an identity that is being
+    /// assigned, before answering 503 with Retry-After.
+    #[arg(long, env = "PODID_ASSIGNMENT_WAIT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub assignment_wait: Duration,
+
+    /// How long a request from a pod the agent has not seen yet waits for it.
+    #[arg(long, env = "PODID_POD_WAIT", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub pod_wait: Duration,
+
+    /// Audit log file (JSON lines). Records also go to stdout, target podid::audit.
+    #[arg(long, env = "PODID_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Rotate the audit log at this size.
+    #[arg(long, env = "PODID_AUDIT_LOG_MAX_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub audit_log_max_bytes: u64,
+
+    /// Rotated audit files kept.
+    #[arg(long, env = "PODID_AUDIT_LOG_MAX_FILES", default_value_t = 5)]
+    pub audit_log_max_files: u32,
+
+    /// Prometheus /metrics, /healthz and /readyz.
+    #[arg(long, env = "PODID_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Node taint to remove once the redirect is attached (Kubernetes mode).
+    #[arg(long, env = "PODID_STARTUP_TAINT")]
+    pub startup_taint: Option<String>,
+
+    /// Also record denials as Kubernetes Events on the pod (rate-limited).
+    #[arg(long, env = "PODID_EMIT_DENIAL_EVENTS")]
+    pub emit_denial_events: bool,
+
+    /// Connections served at once.
+    #[arg(long, env = "PODID_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+
+    /// Largest request head, in bytes.
+    #[arg(long, env = "PODID_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Time allowed for a request head to arrive.
+    #[arg(long, env = "PODID_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub header_timeout: Duration,
+
+    /// Tokens cached at most.
+    #[arg(long, env = "PODID_TOKEN_CACHE_SIZE", default_value_t = 10_000)]
+    pub token_cache_size: usize,
+
+    /// Concurrent upstream token calls at most.
+    #[arg(long, env = "PODID_UPSTREAM_CONCURRENCY", default_value_t = 32)]
+    pub upstream_concurrency: usize,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, env = "PODID_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "PODID_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// `--listen`, or `$NODE_IP:2579`.
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .or_else(|| self.node_ip.map(|ip| SocketAddr::new(ip, 2579)))
+            .ok_or_else(|| "set --listen (or NODE_IP from the downward API)".to_string())
+    }
+
+    /// `--node-name`, or the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into())
+        })
+    }
+}

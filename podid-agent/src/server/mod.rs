@@ -1,0 +1,283 @@
+//! The IMDS-compatible endpoint: accepting redirected connections, tying each
+//! to the kernel's record, bounding what a client may cost, and serving the
+//! token protocol (hyper 1, HTTP/1.1).
+//!
+//! Each connection carries one request (`Connection: close`), which is how
+//! SDKs use IMDS anyway: attribution is per connection, and a fresh
+//! connection per request keeps it exact.
+
+mod handler;
+mod head;
+pub mod imds;
+mod proxy;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::{Instrument, debug, info_span, warn};
+
+pub use handler::ServerSettings;
+use head::{HeadError, HeadLimits, Rewind, raw_error_response, read_head};
+
+use crate::{
+    attribution::CgroupPaths,
+    audit::{AuditLog, AuditRecord, Outcome},
+    metrics::Metrics,
+    redirect::{PeerRecord, Redirect, RedirectError},
+    tokens::TokenService,
+    workloads::WorkloadSource,
+};
+
+/// Where the kernel's per-connection records come from.
+pub trait PeerRecords: Send + Sync + 'static {
+    /// Takes (reads and deletes) the record of the connection `peer → local`.
+    fn take(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<PeerRecord>, RedirectError>;
+}
+
+impl PeerRecords for Redirect {
+    fn take(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<PeerRecord>, RedirectError> {
+        self.take_peer_record(peer, local)
+    }
+}
+
+/// Everything a request handler needs.
+pub struct AppState<S> {
+    /// Node name, for audit records.
+    pub node: String,
+    /// Workloads and identity objects.
+    pub source: Arc<S>,
+    /// Kernel records.
+    pub records: Arc<dyn PeerRecords>,
+    /// cgroup id → path.
+    pub cgroups: Arc<CgroupPaths>,
+    /// Tokens.
+    pub tokens: Arc<TokenService>,
+    /// Audit sink.
+    pub audit: Arc<AuditLog>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Behaviour switches and limits.
+    pub settings: ServerSettings,
+    /// Upstream HTTP client for proxied paths.
+    pub proxy: proxy::Proxy,
+}
+
+impl<S> AppState<S> {
+    /// Builds the state; `upstream` is the IMDS base URL for proxied paths.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: String,
+        source: Arc<S>,
+        records: Arc<dyn PeerRecords>,
+        cgroups: Arc<CgroupPaths>,
+        tokens: Arc<TokenService>,
+        audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
+        settings: ServerSettings,
+    ) -> Result<Self, proxy::ProxyError> {
+        let proxy = proxy::Proxy::new(&settings.imds_endpoint, settings.proxy_timeout)?;
+        Ok(Self {
+            node,
+            source,
+            records,
+            cgroups,
+            tokens,
+            audit,
+            metrics,
+            settings,
+            proxy,
+        })
+    }
+}
+
+/// What one connection knows before its request is read.
+#[derive(Debug, Clone)]
+pub(crate) struct Connection {
+    pub record: Result<Option<PeerRecord>, String>,
+}
+
+/// Serves `listener` until `shutdown` becomes true, then waits (bounded by
+/// `settings.request_timeout`) for connections in flight.
+pub async fn serve<S: WorkloadSource>(
+    listener: TcpListener,
+    state: Arc<AppState<S>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if active.load(Ordering::Relaxed) >= state.settings.max_connections {
+            state.metrics.rejected_connection("connection_limit");
+            tokio::spawn(refuse(stream, state.clone(), "connection_limit"));
+            continue;
+        }
+        let guard = ActiveGuard::new(active.clone(), state.clone());
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve_connection(stream, peer, state).await;
+        });
+    }
+    let deadline = Instant::now() + state.settings.request_timeout;
+    while active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct ActiveGuard<S> {
+    active: Arc<AtomicUsize>,
+    state: Arc<AppState<S>>,
+}
+
+impl<S> ActiveGuard<S> {
+    fn new(active: Arc<AtomicUsize>, state: Arc<AppState<S>>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        state.metrics.active_connections().inc();
+        Self { active, state }
+    }
+}
+
+impl<S> Drop for ActiveGuard<S> {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.state.metrics.active_connections().dec();
+    }
+}
+
+async fn refuse<S>(mut stream: TcpStream, state: Arc<AppState<S>>, reason: &'static str) {
+    let error = imds::ImdsError::new(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+        "Too many connections; retry",
+    )
+    .with_retry_after(1);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&raw_error_response(&error)).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    debug!(reason, node = %state.node, "connection refused by limit");
+}
+
+async fn serve_connection<S: WorkloadSource>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState<S>>,
+) {
+    let accepted = Instant::now();
+    let record = match stream.local_addr() {
+        Ok(local) => state.records.take(peer, local).map_err(|e| {
+            format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        }),
+        Err(e) => Err(format!("local address: {e}")),
+    };
+    let (cgroup_id, pid) = match &record {
+        Ok(Some(r)) => (r.cgroup_id, r.tgid),
+        _ => (0, 0),
+    };
+    let span = info_span!("connection", %peer, cgroup_id, pid);
+    async move {
+        let limits = HeadLimits {
+            max_bytes: state.settings.max_header_bytes,
+            timeout: state.settings.header_timeout,
+        };
+        let head = match read_head(&mut stream, limits).await {
+            Ok(head) => head,
+            Err(HeadError::Closed) => return,
+            Err(HeadError::Reject { error, reason }) => {
+                state.metrics.rejected_connection(reason);
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream.write_all(&raw_error_response(&error)).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+                let outcome = if reason == "malformed_request" {
+                    Outcome::InvalidRequest
+                } else {
+                    Outcome::Rejected
+                };
+                let record = AuditRecord {
+                    ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                    node: state.node.clone(),
+                    cgroup_id,
+                    pid,
+                    status: error.status.as_u16(),
+                    outcome,
+                    reason: error.description.clone(),
+                    latency_us: accepted.elapsed().as_micros() as u64,
+                    ..AuditRecord::default()
+                };
+                state
+                    .metrics
+                    .request("", "", outcome, error.status.as_u16(), accepted.elapsed());
+                state.audit.record(&record);
+                return;
+            }
+        };
+        let connection = Arc::new(Connection { record });
+        let io = TokioIo::new(Rewind::new(head, stream));
+        let service_state = state.clone();
+        let service = service_fn(move |request| {
+            let state = service_state.clone();
+            let connection = connection.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    handler::handle(&state, &connection, request).await,
+                )
+            }
+        });
+        let serving = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .max_buf_size(state.settings.max_header_bytes.max(8192))
+            .serve_connection(io, service);
+        match tokio::time::timeout(state.settings.request_timeout, serving).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!(%error, "connection ended with an error"),
+            Err(_) => {
+                state.metrics.rejected_connection("request_timeout");
+                debug!("request exceeded the time limit; connection dropped");
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,404 @@
+//! A whole node in a box, for end-to-end tests and the demo:
+//!
+//! - a private network namespace where 169.254.169.254 is a loopback address
+//!   and the emulator (IMDS + Entra ID) listens on it, as Azure's IMDS would;
+//! - a private bpffs and a cgroup tree (`<root>/agent`, `<root>/<workload>…`);
+//! - the real `podid-agent` binary, started in `<root>/agent` (so its own
+//!   upstream calls reach the emulator only because it exempts itself), with
+//!   the redirect attached to `<root>`.
+//!
+//! Everything is removed on drop, in reverse order of creation.
+
+use std::{
+    fs,
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use podid_agent::audit::AuditRecord;
+
+use crate::{
+    IMDS,
+    emulator::{Emulator, EmulatorConfig, EmulatorHandle},
+    privileged::{BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, workspace_binary},
+};
+
+/// Where the agent listens inside the harness.
+pub const AGENT_ADDR: &str = "127.0.0.1:2579";
+/// Where the agent's metrics and health endpoint listens.
+pub const METRICS_ADDR: &str = "127.0.0.1:9090";
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct HarnessSpec {
+    /// The `--workloads` file. `LocalWorkload.spec.cgroup` paths are relative
+    /// to the harness's cgroup root.
+    pub workloads_yaml: String,
+    /// cgroups to create under the root (the workloads' and any others).
+    pub cgroups: Vec<String>,
+    /// The emulator's configuration (its listen address is overridden).
+    pub emulator: EmulatorConfig,
+    /// Files to create under the secrets directory (`--secrets-dir`):
+    /// (relative path, content).
+    pub secrets: Vec<(String, Vec<u8>)>,
+    /// Extra `podid-agent run` arguments.
+    pub agent_args: Vec<String>,
+}
+
+/// A running harness.
+pub struct AgentHarness {
+    agent: Option<ChildGuard>,
+    /// The emulator, for fault injection and call counts.
+    pub emulator: EmulatorHandle,
+    runtime: tokio::runtime::Runtime,
+    bpffs: BpffsGuard,
+    cgroups: CgroupGuard,
+    dir: PathBuf,
+    spec: HarnessSpec,
+    _netns: NetNsGuard,
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "podid-harness-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    fs::create_dir_all(&dir).expect("create harness dir");
+    dir
+}
+
+/// GETs `path` from `addr` (plain HTTP/1.1) and returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+impl AgentHarness {
+    /// Builds the box and starts the emulator and the agent; returns once the
+    /// agent reports ready. Panics with the agent's output if it does not.
+    pub fn start(spec: HarnessSpec) -> Self {
+        let netns = NetNsGuard::new();
+        netns.add_loopback_address("169.254.169.254/32");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let mut config = spec.emulator.clone();
+        config.listen = SocketAddr::V4(IMDS);
+        let emulator = runtime
+            .block_on(Emulator::start(config))
+            .expect("start the emulator on 169.254.169.254:80");
+        let bpffs = BpffsGuard::new();
+        let mut cgroups = CgroupGuard::new("e2e");
+        cgroups.child("agent");
+        for cgroup in &spec.cgroups {
+            cgroups.child(cgroup);
+        }
+        let dir = temp_dir();
+        fs::write(dir.join("workloads.yaml"), &spec.workloads_yaml).expect("write workloads");
+        for (path, content) in &spec.secrets {
+            let path = dir.join("secrets").join(path);
+            fs::create_dir_all(path.parent().expect("secret path has a parent"))
+                .expect("create secrets dir");
+            fs::write(&path, content).expect("write secret");
+        }
+        let mut harness = Self {
+            agent: None,
+            emulator,
+            runtime,
+            bpffs,
+            cgroups,
+            dir,
+            spec,
+            _netns: netns,
+        };
+        harness.start_agent();
+        harness
+    }
+
+    /// The agent's command line.
+    fn agent_command(&self) -> Command {
+        let mut cmd = Command::new(workspace_binary("podid-agent"));
+        cmd.arg("run")
+            .args(["--listen", AGENT_ADDR, "--metrics-listen", METRICS_ADDR])
+            .args(["--node-name", "e2e-node", "--log-format", "json"])
+            .arg("--cgroup-root")
+            .arg(self.cgroups.path())
+            .arg("--bpffs-dir")
+            .arg(self.bpffs.pin_root())
+            .arg("--workloads")
+            .arg(self.dir.join("workloads.yaml"))
+            .arg("--audit-log")
+            .arg(self.audit_path())
+            .arg("--secrets-dir")
+            .arg(self.dir.join("secrets"))
+            .args(&self.spec.agent_args)
+            .env_remove("NODE_IP")
+            .env("PODID_LOG", "info");
+        cmd
+    }
+
+    /// Starts (or restarts) the agent and waits for readiness.
+    pub fn start_agent(&mut self) {
+        let stdout = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.stdout"))
+            .expect("agent stdout file");
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.stderr"))
+            .expect("agent stderr file");
+        let mut cmd = self.agent_command();
+        in_cgroup(&mut cmd, &self.cgroup("agent"))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr));
+        let mut child = ChildGuard::new(cmd.spawn().expect("spawn podid-agent"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.inner().try_wait().ok().flatten() {
+                panic!(
+                    "podid-agent exited ({status}) before becoming ready:\n{}\n{}",
+                    self.agent_stdout(),
+                    fs::read_to_string(self.dir.join("agent.stderr")).unwrap_or_default()
+                );
+            }
+            if http_get(METRICS_ADDR, "/readyz").is_some_and(|(status, _)| status == 200) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "podid-agent not ready within 30 s:\n{}",
+                self.agent_stdout()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.agent = Some(child);
+    }
+
+    /// SIGKILLs the agent (the pinned redirect stays).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// The agent's PID, if running.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(ChildGuard::id)
+    }
+
+    /// The cgroup directory of `relative` (as given in the spec).
+    pub fn cgroup(&self, relative: &str) -> PathBuf {
+        self.cgroups.path().join(relative)
+    }
+
+    /// The harness's cgroup root (where the redirect is attached).
+    pub fn cgroup_root(&self) -> &Path {
+        self.cgroups.path()
+    }
+
+    /// The pin root.
+    pub fn pin_root(&self) -> PathBuf {
+        self.bpffs.pin_root()
+    }
+
+    /// The audit log file.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
+    /// The workloads file (tests may rewrite it).
+    pub fn workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+
+    /// The harness's scratch directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Everything the agent printed on stdout so far.
+    pub fn agent_stdout(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.stdout")).unwrap_or_default()
+    }
+
+    /// Everything the agent printed on stderr so far.
+    pub fn agent_stderr(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.stderr")).unwrap_or_default()
+    }
+
+    /// Audit records in the file, waiting (bounded) until at least `at_least`
+    /// are there: the writer thread appends asynchronously.
+    pub fn audit_records(&self, at_least: usize) -> Vec<AuditRecord> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let records: Vec<AuditRecord> = fs::read_to_string(self.audit_path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| serde_json::from_str(l).expect("audit lines are records"))
+                .collect();
+            if records.len() >= at_least || Instant::now() >= deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `/metrics` text.
+    pub fn metrics(&self) -> String {
+        http_get(METRICS_ADDR, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// Runs an async block on the harness's runtime (for the emulator's API).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+}
+
+impl Drop for AgentHarness {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
+                self.agent_stdout(),
+                self.agent_stderr()
+            );
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Path of the Python virtualenv `cargo xtask setup` creates.
+pub fn venv() -> PathBuf {
+    std::env::var_os("PODID_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/venv"))
+}
+
+/// Path of the npm prefix `cargo xtask setup` installs `@azure/identity` into.
+pub fn node_prefix() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/node")
+}
+
+/// Runs a program in `cgroup` with a clean environment (no proxies) and
+/// returns its stdout parsed as JSON, with a bound on its run time.
+pub fn run_client_json(mut cmd: Command, cgroup: &Path, timeout: Duration) -> serde_json::Value {
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    for var in [
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+        "IDENTITY_ENDPOINT",
+        "IDENTITY_HEADER",
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+    ] {
+        cmd.env_remove(var);
+    }
+    in_cgroup(&mut cmd, cgroup)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn client"));
+    let status = child.wait_timeout(timeout);
+    let mut inner = child.into_inner();
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut stdout) = inner.stdout.take() {
+        let _ = stdout.read_to_string(&mut out);
+    }
+    if let Some(mut stderr) = inner.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    let _ = inner.kill();
+    let _ = inner.wait();
+    assert!(
+        status.is_some(),
+        "client did not finish within {timeout:?}: {out}\n{err}"
+    );
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("client printed {out:?} ({e}); stderr: {err}"))
+}
+
+/// The official Python client (`azure-identity`): `ManagedIdentityCredential`
+/// with `client_id` (or none), getting a token for `scope`.
+pub fn python_client(client_id: Option<&str>, scope: &str) -> Command {
+    const SCRIPT: &str = r#"
+import json, sys, time
+from azure.identity import ManagedIdentityCredential
+client_id = sys.argv[1] or None
+scope = sys.argv[2]
+started = time.monotonic()
+try:
+    credential = ManagedIdentityCredential(client_id=client_id) if client_id else ManagedIdentityCredential()
+    token = credential.get_token(scope)
+    print(json.dumps({"token": token.token, "expires_on": token.expires_on, "seconds": time.monotonic() - started}))
+except Exception as e:
+    print(json.dumps({"error": str(e), "type": type(e).__name__, "seconds": time.monotonic() - started}))
+"#;
+    let mut cmd = Command::new(venv().join("bin/python"));
+    cmd.arg("-c")
+        .arg(SCRIPT)
+        .arg(client_id.unwrap_or(""))
+        .arg(scope);
+    cmd
+}
+
+/// The official Node.js client (`@azure/identity`).
+pub fn node_client(client_id: Option<&str>, scope: &str) -> Command {
+    const SCRIPT: &str = r#"
+const { ManagedIdentityCredential } = require("@azure/identity");
+const [clientId, scope] = process.argv.slice(1);
+const started = Date.now();
+const credential = clientId ? new ManagedIdentityCredential({ clientId }) : new ManagedIdentityCredential();
+credential.getToken(scope).then(
+  (t) => console.log(JSON.stringify({ token: t.token, expires_on: t.expiresOnTimestamp, seconds: (Date.now() - started) / 1000 })),
+  (e) => console.log(JSON.stringify({ error: String(e && e.message || e), type: e && e.name, seconds: (Date.now() - started) / 1000 })),
+);
+"#;
+    let mut cmd = Command::new("node");
+    cmd.arg("-e")
+        .arg(SCRIPT)
+        .arg(client_id.unwrap_or(""))
+        .arg(scope)
+        .env("NODE_PATH", node_prefix().join("node_modules"));
+    cmd
+}
