@@ -95,17 +95,20 @@ def _lease_name(v: dict) -> str:
 
 
 AGENT_PERMISSIONS: list[tuple] = [
+    # Reconciled with podid-agent/src/workloads/kubernetes (source.rs,
+    # secrets.rs, taint.rs, events.rs); the fake API server in the agent's
+    # tests records every call and checks it against this list.
     # Node-local pod reflector (field selector spec.nodeName): cgroup -> pod.
-    (ALWAYS, "", "pods", ["get", "list", "watch"], None, None),
+    (ALWAYS, "", "pods", ["list", "watch"], None, None),
     # Reflectors for pod -> binding -> identity, and exceptions.
-    (ALWAYS, GROUP, "azureidentities", ["get", "list", "watch"], None, None),
-    (ALWAYS, GROUP, "azureidentitybindings", ["get", "list", "watch"], None, None),
-    (ALWAYS, GROUP, "azurepodidentityexceptions", ["get", "list", "watch"], None, None),
-    # Standard mode: reflector on the controller's assignment state.
-    (_standard, GROUP, "azureassignedidentities", ["get", "list", "watch"], None, None),
-    # Service-principal identities: Api<Secret>::get of clientPassword.
+    (ALWAYS, GROUP, "azureidentities", ["list", "watch"], None, None),
+    (ALWAYS, GROUP, "azureidentitybindings", ["list", "watch"], None, None),
+    (ALWAYS, GROUP, "azurepodidentityexceptions", ["list", "watch"], None, None),
+    # Standard mode: reflector on this node's assignments (label nodename).
+    (_standard, GROUP, "azureassignedidentities", ["list", "watch"], None, None),
+    # Service-principal identities: Api<Secret>::get_opt of clientPassword.
     (lambda v: v["agent"]["rbac"]["readSecrets"], "", "secrets", ["get"], None, None),
-    # --startup-taint: Api<Node>::get + patch of its own node.
+    # --startup-taint: Api<Node>::get + merge patch of its own node.
     (lambda v: v["agent"]["startupTaint"]["enabled"], "", "nodes", ["get", "patch"], None, None),
     # --emit-denial-events: kube-runtime Recorder (events.k8s.io/v1 create, patch).
     (lambda v: v["agent"]["emitDenialEvents"], "events.k8s.io", "events", ["create", "patch"], None, None),

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
@@ -25,7 +25,11 @@ use crate::{
     tokens::{
         FileSecretSource, SecretSource, TokenConfig, TokenService, Upstream, UpstreamObserver,
     },
-    workloads::{WorkloadSource, standalone::StandaloneSource},
+    workloads::{
+        WorkloadSource,
+        kubernetes::{KubeSecrets, KubernetesConfig, KubernetesSource, remove_taint_until_done},
+        standalone::StandaloneSource,
+    },
 };
 
 /// Where kubelet puts pods, relative to the cgroup2 mount, most common first.
@@ -159,30 +163,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         NamespaceRule::Cluster
     };
-    let secrets: Arc<dyn SecretSource> = match &args.secrets_dir {
-        Some(dir) => Arc::new(FileSecretSource::new(dir.clone())),
-        // Every lookup then fails, saying that --secrets-dir is not set.
-        None => Arc::new(FileSecretSource::unconfigured()),
+    let token_config = TokenConfig {
+        imds_endpoint: args.imds_endpoint.clone(),
+        aad_authority: args.aad_authority.clone(),
+        max_entries: args.token_cache_size,
+        upstream_concurrency: args.upstream_concurrency,
+        ..TokenConfig::default()
     };
-    let tokens = Arc::new(
-        TokenService::new(
-            TokenConfig {
-                imds_endpoint: args.imds_endpoint.clone(),
-                aad_authority: args.aad_authority.clone(),
-                max_entries: args.token_cache_size,
-                upstream_concurrency: args.upstream_concurrency,
-                ..TokenConfig::default()
-            },
-            secrets.clone(),
-            metrics.clone(),
-        )
-        .context("configuring the token service")?,
-    );
-    metrics.set_scrape_source(Arc::new(Scrape {
-        redirect: redirect.clone(),
-        audit: audit.clone(),
-        tokens: tokens.clone(),
-    }));
     let settings = ServerSettings {
         imds_endpoint: args.imds_endpoint.clone(),
         block_instance_metadata: args.block_instance_metadata,
@@ -192,51 +179,167 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         header_timeout: args.header_timeout,
         ..ServerSettings::default()
     };
-
-    let Some(workloads) = &args.workloads else {
-        bail!(
-            "Kubernetes mode is not available in this build yet; run standalone with --workloads FILE"
-        );
-    };
-    let source = Arc::new(
-        StandaloneSource::load(workloads, &root_relative, rule, secrets)
-            .context("loading --workloads")?,
-    );
-    tokio::spawn(source.clone().watch(Duration::from_secs(2)));
-    let records: Arc<dyn server::PeerRecords> = redirect.clone();
-    let state = Arc::new(AppState::new(
-        node.clone(),
-        source.clone(),
-        records,
+    let serving = Serving {
+        node: node.clone(),
+        listener,
+        redirect,
         cgroups,
-        tokens,
-        audit.clone(),
-        metrics.clone(),
+        audit,
+        metrics,
+        readiness,
         settings,
-    )?);
-    let serving = tokio::spawn(server::serve(listener, state, stopped.clone()));
-    if source.is_ready() {
-        readiness.set_ready();
-    }
-    info!(
-        %node,
-        %listen,
-        cgroup_root = %cgroup_root.display(),
-        mode = ?args.mode,
-        standalone = true,
-        "podid-agent ready"
-    );
+        stop,
+        stopped,
+        health,
+    };
 
-    wait_for_signal().await;
-    info!("shutting down; the kernel redirect stays pinned");
-    readiness.set_not_ready("shutting down");
-    let _ = stop.send(true);
-    if let Err(error) = serving.await {
-        warn!(%error, "server task failed");
+    match &args.workloads {
+        Some(workloads) => {
+            let secrets: Arc<dyn SecretSource> = match &args.secrets_dir {
+                Some(dir) => Arc::new(FileSecretSource::new(dir.clone())),
+                // Every lookup then fails, saying that --secrets-dir is not set.
+                None => Arc::new(FileSecretSource::unconfigured()),
+            };
+            let tokens = serving.token_service(token_config, secrets.clone())?;
+            let source = Arc::new(
+                StandaloneSource::load(workloads, &root_relative, rule, secrets)
+                    .context("loading --workloads")?,
+            );
+            tokio::spawn(source.clone().watch(Duration::from_secs(2)));
+            if source.is_ready() {
+                serving.readiness.set_ready();
+            }
+            info!(
+                %node,
+                %listen,
+                cgroup_root = %cgroup_root.display(),
+                mode = ?args.mode,
+                standalone = true,
+                "podid-agent ready"
+            );
+            serving.serve(source, tokens).await
+        }
+        None => {
+            // kube's TLS stack takes rustls's process-wide provider; more
+            // than one is compiled in, so name it (an error only means one
+            // is installed already).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            if args.secrets_dir.is_some() {
+                warn!("--secrets-dir is for standalone mode; Kubernetes mode reads Secrets");
+            }
+            let secrets: Arc<dyn SecretSource> = Arc::new(KubeSecrets::new(client.clone()));
+            let tokens = serving.token_service(token_config, secrets.clone())?;
+            let source = Arc::new(KubernetesSource::start(
+                client.clone(),
+                KubernetesConfig {
+                    node: node.clone(),
+                    mode: args.mode,
+                    rule,
+                    pod_wait: args.pod_wait,
+                    denial_events: args
+                        .emit_denial_events
+                        .then_some(args.denial_event_interval),
+                },
+                secrets,
+                tokens.clone(),
+            ));
+            serving
+                .readiness
+                .set_not_ready("waiting for the initial list of pods and identity objects");
+            // Ready (and untainted) once the redirect is attached, which it
+            // is by now, and every watch has listed.
+            let readiness = serving.readiness.clone();
+            let synced = source.clone();
+            let taint = args.startup_taint.clone();
+            let taint_node = node.clone();
+            tokio::spawn(async move {
+                synced.wait_synced().await;
+                readiness.set_ready();
+                info!(node = %taint_node, "Kubernetes source synced; podid-agent ready");
+                if let Some(key) = taint {
+                    remove_taint_until_done(client, taint_node, key).await;
+                }
+            });
+            info!(
+                %node,
+                %listen,
+                cgroup_root = %cgroup_root.display(),
+                mode = ?args.mode,
+                force_namespaced = args.force_namespaced,
+                "podid-agent started in Kubernetes mode; waiting for the initial lists"
+            );
+            serving.serve(source, tokens).await
+        }
     }
-    let _ = health.await;
-    audit.flush();
-    Ok(())
+}
+
+/// What both modes serve with, once the source is known.
+struct Serving {
+    node: String,
+    listener: TcpListener,
+    redirect: Arc<Redirect>,
+    cgroups: Arc<CgroupPaths>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    settings: ServerSettings,
+    stop: watch::Sender<bool>,
+    stopped: watch::Receiver<bool>,
+    health: tokio::task::JoinHandle<()>,
+}
+
+impl Serving {
+    /// The token service, reading secrets through `secrets`.
+    fn token_service(
+        &self,
+        config: TokenConfig,
+        secrets: Arc<dyn SecretSource>,
+    ) -> anyhow::Result<Arc<TokenService>> {
+        let tokens = Arc::new(
+            TokenService::new(config, secrets, self.metrics.clone())
+                .context("configuring the token service")?,
+        );
+        self.metrics.set_scrape_source(Arc::new(Scrape {
+            redirect: self.redirect.clone(),
+            audit: self.audit.clone(),
+            tokens: tokens.clone(),
+        }));
+        Ok(tokens)
+    }
+
+    /// Serves requests with `source` until SIGTERM or SIGINT.
+    async fn serve<S: WorkloadSource>(
+        self,
+        source: Arc<S>,
+        tokens: Arc<TokenService>,
+    ) -> anyhow::Result<()> {
+        let records: Arc<dyn server::PeerRecords> = self.redirect.clone();
+        let state = Arc::new(AppState::new(
+            self.node,
+            source,
+            records,
+            self.cgroups,
+            tokens,
+            self.audit.clone(),
+            self.metrics,
+            self.settings,
+        )?);
+        let serving = tokio::spawn(server::serve(self.listener, state, self.stopped.clone()));
+
+        wait_for_signal().await;
+        info!("shutting down; the kernel redirect stays pinned");
+        self.readiness.set_not_ready("shutting down");
+        let _ = self.stop.send(true);
+        if let Err(error) = serving.await {
+            warn!(%error, "server task failed");
+        }
+        let _ = self.health.await;
+        self.audit.flush();
+        Ok(())
+    }
 }
 
 async fn wait_for_signal() {

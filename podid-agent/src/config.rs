@@ -129,13 +129,19 @@ pub struct RunArgs {
     #[arg(long, env = "PODID_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
 
-    /// Node taint to remove once the redirect is attached (Kubernetes mode).
+    /// Node taint (key) to remove from this node once the redirect is
+    /// attached and the Kubernetes source has synced (Kubernetes mode).
     #[arg(long, env = "PODID_STARTUP_TAINT")]
     pub startup_taint: Option<String>,
 
     /// Also record denials as Kubernetes Events on the pod (rate-limited).
     #[arg(long, env = "PODID_EMIT_DENIAL_EVENTS")]
     pub emit_denial_events: bool,
+
+    /// With --emit-denial-events: at most one Event per pod and reason per
+    /// this interval.
+    #[arg(long, env = "PODID_DENIAL_EVENT_INTERVAL", value_parser = humantime::parse_duration, default_value = "1m")]
+    pub denial_event_interval: Duration,
 
     /// Connections served at once.
     #[arg(long, env = "PODID_MAX_CONNECTIONS", default_value_t = 16_384)]

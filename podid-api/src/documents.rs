@@ -8,19 +8,19 @@ use crate::{
     LocalWorkload, local::LOCAL_WORKLOAD_API_VERSION,
 };
 
-/// One object from a YAML stream.
+/// One object from a YAML stream. (Boxed: the objects differ a lot in size.)
 #[derive(Debug, Clone, PartialEq)]
 pub enum Document {
     /// `aadpodidentity.k8s.io/v1` `AzureIdentity`.
-    Identity(AzureIdentity),
+    Identity(Box<AzureIdentity>),
     /// `aadpodidentity.k8s.io/v1` `AzureIdentityBinding`.
-    Binding(AzureIdentityBinding),
+    Binding(Box<AzureIdentityBinding>),
     /// `aadpodidentity.k8s.io/v1` `AzurePodIdentityException`.
-    Exception(AzurePodIdentityException),
+    Exception(Box<AzurePodIdentityException>),
     /// `aadpodidentity.k8s.io/v1` `AzureAssignedIdentity`.
-    Assigned(AzureAssignedIdentity),
+    Assigned(Box<AzureAssignedIdentity>),
     /// `podid.dev/v1alpha1` `LocalWorkload`.
-    LocalWorkload(LocalWorkload),
+    LocalWorkload(Box<LocalWorkload>),
 }
 
 /// Why a document could not be used. `index` counts documents from 1.

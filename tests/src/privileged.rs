@@ -423,21 +423,23 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// Path of a binary built from this workspace (`target/<profile>/<name>`),
-/// found next to the running test executable.
+/// found next to the running executable: a test binary lives in
+/// `target/<profile>/deps`, a normal binary in `target/<profile>`.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let path = profile_dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: build the workspace binaries first (`cargo xtask test` does)",
-        path.display()
-    );
-    path
+    let dir = exe.parent().expect("the executable has a directory");
+    let candidates = [Some(dir), dir.parent()];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found next to {}: build the workspace binaries first (`cargo xtask test` does)",
+                exe.display()
+            )
+        })
 }
 
 /// A second network namespace (a "pod"), joined to the current one by a veth

@@ -36,6 +36,10 @@ pub enum Bench {
         /// Connections per variant.
         #[arg(long, default_value_t = 20_000)]
         connections: u32,
+        /// Also report the kernel-measured cost of each program (adds
+        /// overhead to variant b while on).
+        #[arg(long)]
+        program_stats: bool,
     },
     /// Cached-token requests through the redirect vs a bare hyper floor.
     Token {
@@ -214,18 +218,22 @@ fn bench_binary(name: &str, args: &[String]) -> anyhow::Result<()> {
 pub fn bench(which: &Bench) -> anyhow::Result<()> {
     setup::run()?;
     match which {
-        Bench::Redirect { connections } => {
+        Bench::Redirect {
+            connections,
+            program_stats,
+        } => {
             if !is_root() {
                 bail!("the redirect benchmark needs root");
             }
-            bench_binary(
-                "podid-bench",
-                &[
-                    "redirect".into(),
-                    "--connections".into(),
-                    connections.to_string(),
-                ],
-            )
+            let mut args = vec![
+                "redirect".to_string(),
+                "--connections".into(),
+                connections.to_string(),
+            ];
+            if *program_stats {
+                args.push("--program-stats".into());
+            }
+            bench_binary("podid-bench", &args)
         }
         Bench::Token { seconds } => {
             if !is_root() {

@@ -64,6 +64,17 @@ struct Answer {
     reason: String,
 }
 
+/// Outcomes reported to the workload source as denials.
+fn is_denial(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::IdentityNotFound
+            | Outcome::AssignmentPending
+            | Outcome::UpstreamError
+            | Outcome::Blocked
+    )
+}
+
 impl Answer {
     fn error(error: ImdsError, outcome: Outcome, reason: impl Into<String>) -> Self {
         Self {
@@ -109,7 +120,8 @@ pub(crate) async fn handle<S: WorkloadSource>(
         pod = tracing::field::Empty,
         identity = tracing::field::Empty,
     );
-    let answer = route(state, connection, request, &mut audit)
+    let mut workload = None;
+    let answer = route(state, connection, request, &mut audit, &mut workload)
         .instrument(span)
         .await;
     let status = answer.response.status().as_u16();
@@ -128,6 +140,11 @@ pub(crate) async fn handle<S: WorkloadSource>(
         state.metrics.unattributed(unattributed_kind(&audit.reason));
     }
     state.audit.record(&audit);
+    if let Some(workload) = &workload
+        && is_denial(audit.outcome)
+    {
+        state.source.on_denied(workload, &audit);
+    }
     answer.response
 }
 
@@ -152,9 +169,10 @@ async fn route<S: WorkloadSource>(
     connection: &Connection,
     request: Request<Incoming>,
     audit: &mut AuditRecord,
+    workload: &mut Option<Workload>,
 ) -> Answer {
     match imds::route(request.uri().path()) {
-        Route::Token => token(state, connection, request, audit).await,
+        Route::Token => token(state, connection, request, audit, workload).await,
         Route::MalformedToken => Answer::error(
             ImdsError::bad_request("Invalid request"),
             Outcome::InvalidRequest,
@@ -164,6 +182,17 @@ async fn route<S: WorkloadSource>(
             if let Err(error) = imds::check_headers(request.headers()) {
                 let reason = error.description.clone();
                 return Answer::error(error, Outcome::InvalidRequest, reason);
+            }
+            let attributed = match attribute(state, connection, audit).await {
+                Ok(attributed) => attributed,
+                Err(answer) => return answer,
+            };
+            // Exception pods (node add-ons) keep IMDS, as with aad-pod-identity,
+            // where they reached it directly.
+            let excepted = state.source.is_exception(&attributed);
+            *workload = Some(attributed);
+            if excepted {
+                return proxy(state, connection, request, audit, workload).await;
             }
             Answer::error(
                 ImdsError::new(
@@ -175,7 +204,7 @@ async fn route<S: WorkloadSource>(
                 "--block-instance-metadata",
             )
         }
-        Route::Instance | Route::Other => proxy(state, connection, request, audit).await,
+        Route::Instance | Route::Other => proxy(state, connection, request, audit, workload).await,
     }
 }
 
@@ -271,6 +300,7 @@ async fn token<S: WorkloadSource>(
     connection: &Connection,
     request: Request<Incoming>,
     audit: &mut AuditRecord,
+    attributed: &mut Option<Workload>,
 ) -> Answer {
     // Header checks first: SDK probes send no Metadata and expect a quick 400.
     let checks = imds::check_headers(request.headers())
@@ -288,6 +318,7 @@ async fn token<S: WorkloadSource>(
         Ok(workload) => workload,
         Err(answer) => return answer,
     };
+    *attributed = Some(workload.clone());
 
     let (identity_key, credential) = if state.source.is_exception(&workload) {
         let client_id = match &query.requested {
@@ -440,13 +471,17 @@ async fn proxy<S: WorkloadSource>(
     connection: &Connection,
     request: Request<Incoming>,
     audit: &mut AuditRecord,
+    attributed: &mut Option<Workload>,
 ) -> Answer {
     if let Err(error) = imds::check_headers(request.headers()) {
         let reason = error.description.clone();
         return Answer::error(error, Outcome::InvalidRequest, reason);
     }
-    if let Err(answer) = attribute(state, connection, audit).await {
-        return answer;
+    if attributed.is_none() {
+        match attribute(state, connection, audit).await {
+            Ok(workload) => *attributed = Some(workload),
+            Err(answer) => return answer,
+        }
     }
     match state.proxy.forward(request).await {
         Ok(response) => Answer {

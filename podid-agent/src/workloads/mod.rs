@@ -7,11 +7,13 @@
 //! identity is assigned to the node yet. Standalone mode reads a file
 //! ([`standalone`]); Kubernetes mode watches the API server.
 
+pub mod kubernetes;
 pub mod standalone;
 
 use std::{collections::BTreeMap, future::Future, path::Path, sync::Arc, time::Duration};
 
 use crate::{
+    audit::AuditRecord,
     identity::{BoundIdentity, IdentityCatalog, NamespaceRule},
     tokens::SecretSource,
 };
@@ -97,4 +99,11 @@ pub trait WorkloadSource: Send + Sync + 'static {
 
     /// Whether the source has loaded (initial sync done).
     fn is_ready(&self) -> bool;
+
+    /// Called once per request refused for an attributed workload (no
+    /// identity, assignment pending, upstream failure), with its audit
+    /// record. Kubernetes mode can turn these into Events on the pod.
+    fn on_denied(&self, workload: &Workload, record: &AuditRecord) {
+        let _ = (workload, record);
+    }
 }

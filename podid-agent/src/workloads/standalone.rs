@@ -94,7 +94,7 @@ impl WorkloadsSnapshot {
                     );
                     if snapshot
                         .identities
-                        .insert(key.clone(), Arc::new(identity))
+                        .insert(key.clone(), Arc::from(identity))
                         .is_some()
                     {
                         return Err(WorkloadsFileError::Invalid {
@@ -103,8 +103,8 @@ impl WorkloadsSnapshot {
                         });
                     }
                 }
-                Document::Binding(binding) => snapshot.bindings.push(Arc::new(binding)),
-                Document::Exception(exception) => snapshot.exceptions.push(Arc::new(exception)),
+                Document::Binding(binding) => snapshot.bindings.push(Arc::from(binding)),
+                Document::Exception(exception) => snapshot.exceptions.push(Arc::from(exception)),
                 Document::Assigned(_) => {
                     return Err(WorkloadsFileError::Invalid {
                         path: path.to_path_buf(),
@@ -125,7 +125,7 @@ impl WorkloadsSnapshot {
                             ),
                         });
                     }
-                    snapshot.workloads.push((cgroup, workload_of(local)));
+                    snapshot.workloads.push((cgroup, workload_of(*local)));
                 }
             }
         }
