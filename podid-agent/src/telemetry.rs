@@ -3,7 +3,7 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::LogFormat;
+use crate::{audit::AUDIT_TARGET, config::LogFormat};
 
 /// Where log lines go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,11 +15,16 @@ pub enum LogTarget {
 }
 
 /// Installs the global subscriber. `level` is a level or a full filter;
-/// `PODID_LOG` overrides it.
+/// `PODID_LOG` overrides it. Audit events (target `podid::audit`) stay on at
+/// info whatever the level, unless the filter names that target itself.
 pub fn init(level: &str, format: LogFormat, target: LogTarget) {
-    let filter = EnvFilter::try_from_env("PODID_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let wanted = std::env::var("PODID_LOG").unwrap_or_else(|_| level.to_string());
+    let directives = if wanted.contains(AUDIT_TARGET) {
+        wanted
+    } else {
+        format!("{wanted},{AUDIT_TARGET}=info")
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter);
     let result = match (format, target) {
         (LogFormat::Text, LogTarget::Stdout) => builder.try_init(),

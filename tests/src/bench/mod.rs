@@ -1,4 +1,6 @@
-//! Shared pieces of the benchmarks: summary statistics.
+//! The benchmarks' shared pieces (summary statistics) and the token benchmark.
+
+pub mod token;
 
 /// The median of `samples` (0 for none).
 pub fn median(samples: &[f64]) -> f64 {

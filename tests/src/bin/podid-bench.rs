@@ -46,7 +46,12 @@ fn main() -> anyhow::Result<()> {
             value("--connections", 20_000) as u32,
             args.iter().any(|a| a == "--program-stats"),
         ),
-        _ => anyhow::bail!("usage: podid-bench redirect [--connections N] [--program-stats]"),
+        Some("token") => {
+            podid_tests::bench::token::run(Duration::from_secs(value("--seconds", 10)))
+        }
+        _ => anyhow::bail!(
+            "usage: podid-bench redirect [--connections N] [--program-stats] | token [--seconds N]"
+        ),
     }
 }
 

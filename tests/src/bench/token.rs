@@ -1,0 +1,261 @@
+//! `cargo xtask bench token`: cached-token requests through the kernel
+//! redirect to the real agent, one new TCP connection per request (as SDKs
+//! do), at saturation and at a fixed 1,000 requests/s; compared in the same
+//! run with a bare hyper server answering a fixed body on the same path (the
+//! floor: what any HTTP server costs on this machine).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::Stats;
+use crate::{
+    IMDS,
+    emulator::{EmulatorConfig, ManagedIdentity},
+    harness::{AgentHarness, HarnessSpec},
+    privileged::ProcessCgroupGuard,
+};
+
+const RESOURCE: &str = "https://vault.azure.net";
+const CONCURRENCY: usize = 32;
+const FIXED_RATE: u64 = 1_000;
+
+fn request(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// One request on a new connection; returns its latency if the status was 200.
+async fn one(target: SocketAddr, request: &[u8]) -> Option<Duration> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(target).await.ok()?;
+    stream.write_all(request).await.ok()?;
+    let mut response = Vec::with_capacity(2048);
+    stream.read_to_end(&mut response).await.ok()?;
+    response
+        .starts_with(b"HTTP/1.1 200")
+        .then(|| started.elapsed())
+}
+
+/// Closed-loop load from `CONCURRENCY` workers for `duration`.
+async fn saturate(target: SocketAddr, path: &str, duration: Duration) -> Run {
+    let request = Arc::new(request(path));
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let request = request.clone();
+            let stop = stop.clone();
+            let errors = errors.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match one(target, &request).await {
+                        Some(latency) => latencies.push(latency.as_secs_f64() * 1e6),
+                        None => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap_or_default());
+    }
+    Run::new(latencies, errors.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// Open-loop load at `rate` requests per second for `duration`.
+async fn fixed_rate(target: SocketAddr, path: &str, rate: u64, duration: Duration) -> Run {
+    let request = Arc::new(request(path));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    while started.elapsed() < duration {
+        interval.tick().await;
+        let request = request.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            let latency = one(target, &request).await;
+            if latency.is_none() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            latency
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        if let Ok(Some(latency)) = task.await {
+            latencies.push(latency.as_secs_f64() * 1e6);
+        }
+    }
+    Run::new(latencies, errors.load(Ordering::Relaxed), started.elapsed())
+}
+
+struct Run {
+    stats: Stats,
+    requests: usize,
+    errors: u64,
+    per_second: f64,
+}
+
+impl Run {
+    fn new(latencies: Vec<f64>, errors: u64, took: Duration) -> Self {
+        Self {
+            stats: Stats::of(&latencies),
+            requests: latencies.len(),
+            errors,
+            per_second: latencies.len() as f64 / took.as_secs_f64(),
+        }
+    }
+}
+
+/// The floor: a bare hyper server with a fixed token body.
+async fn floor_server(body: Bytes) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| {
+                    let body = body.clone();
+                    async move {
+                        let mut response = Response::new(Full::new(body));
+                        response.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json; charset=utf-8"),
+                        );
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn print_row(name: &str, run: &Run) {
+    println!(
+        "{:<34} {:>10.0} {:>10.0} {:>10.0} {:>10} {:>7}",
+        name, run.per_second, run.stats.p50, run.stats.p99, run.requests, run.errors
+    );
+}
+
+/// Runs the benchmark; each measurement lasts `seconds`.
+pub fn run(seconds: Duration) -> anyhow::Result<()> {
+    let identity = ManagedIdentity::user_assigned("bench");
+    let harness = AgentHarness::start(HarnessSpec {
+        workloads_yaml: format!(
+            r#"
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {{name: bench}}
+spec: {{type: 0, clientID: {}, resourceID: {}}}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {{name: bench}}
+spec: {{azureIdentity: bench, selector: bench}}
+---
+apiVersion: podid.dev/v1alpha1
+kind: LocalWorkload
+metadata: {{name: bench, labels: {{aadpodidbinding: bench}}}}
+spec: {{cgroup: bench}}
+"#,
+            identity.client_id, identity.resource_id
+        ),
+        cgroups: vec!["bench".into()],
+        emulator: EmulatorConfig::default().with_user_assigned(identity),
+        secrets: Vec::new(),
+        agent_args: Vec::new(),
+    });
+    let path =
+        format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}");
+    // The client (this process) runs in the workload's cgroup, so its
+    // connections to 169.254.169.254 are redirected and attributed.
+    let _in_workload = ProcessCgroupGuard::enter(&harness.cgroup("bench"));
+    let result = harness.block_on(async {
+        let imds = SocketAddr::V4(IMDS);
+        // Warm the cache, and take a real response body for the floor.
+        let mut stream = TcpStream::connect(imds).await?;
+        stream.write_all(&request(&path)).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "warm-up failed: {text}");
+        let body = Bytes::from(
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        );
+        let floor = floor_server(body).await?;
+
+        // Interleave, so both see the same machine conditions.
+        let agent_saturated = saturate(imds, &path, seconds).await;
+        let floor_saturated = saturate(floor, &path, seconds).await;
+        let agent_fixed = fixed_rate(imds, &path, FIXED_RATE, seconds).await;
+        let floor_fixed = fixed_rate(floor, &path, FIXED_RATE, seconds).await;
+        Ok::<_, anyhow::Error>((agent_saturated, floor_saturated, agent_fixed, floor_fixed))
+    });
+    let (agent_saturated, floor_saturated, agent_fixed, floor_fixed) = result?;
+    println!(
+        "\ntoken benchmark: cached token, a new TCP connection per request, {} s per measurement\n",
+        seconds.as_secs()
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10} {:>10} {:>7}",
+        "", "req/s", "p50 µs", "p99 µs", "requests", "errors"
+    );
+    print_row(
+        &format!("agent, saturated ({CONCURRENCY} clients)"),
+        &agent_saturated,
+    );
+    print_row(
+        &format!("floor, saturated ({CONCURRENCY} clients)"),
+        &floor_saturated,
+    );
+    print_row(&format!("agent, {FIXED_RATE} req/s"), &agent_fixed);
+    print_row(&format!("floor, {FIXED_RATE} req/s"), &floor_fixed);
+    println!(
+        "\nagent/floor throughput = {:.2}  (target ≥ 0.70)",
+        agent_saturated.per_second / floor_saturated.per_second.max(1.0)
+    );
+    println!(
+        "agent p99 at {FIXED_RATE} req/s = {:.0} µs  (target < 1000 µs)",
+        agent_fixed.stats.p99
+    );
+    let audit = harness.audit_records(0).len();
+    println!("audit records written: {audit}");
+    Ok(())
+}
