@@ -77,14 +77,12 @@ impl CgroupPaths {
     /// The path of cgroup `id` relative to the mount (empty for the root), or
     /// `None` if no such cgroup exists (any more).
     pub fn path_of(&self, id: u64) -> Option<PathBuf> {
+        // cgroup ids are never reused, so a cached entry can only be stale by
+        // naming a removed directory: still that cgroup's path, which is what
+        // attribution needs (a connection in flight from a cgroup being
+        // removed belongs to it). No syscall on the hot path.
         if let Some(path) = self.cached(id) {
-            // The directory may have been removed and, in theory, the id
-            // reused by nothing else (ids are not reused), so a stale entry
-            // can only point at a missing directory: check it.
-            if self.still_has_id(&path, id) {
-                return Some(path);
-            }
-            self.forget(id);
+            return Some(path);
         }
         let found = self.by_handle(id).or_else(|| self.by_walk(id))?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,13 +99,6 @@ impl CgroupPaths {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
-    }
-
-    fn forget(&self, id: u64) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
     }
 
     fn still_has_id(&self, relative: &Path, id: u64) -> bool {

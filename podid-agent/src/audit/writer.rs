@@ -75,8 +75,27 @@ pub enum AuditError {
 /// What the writer thread receives.
 #[derive(Debug)]
 enum Message {
-    Line(String),
+    Record(Box<AuditRecord>),
     Flush(SyncSender<()>),
+}
+
+fn encode(record: &AuditRecord) -> String {
+    // Serialising plain strings and numbers cannot fail.
+    serde_json::to_string(record).unwrap_or_default()
+}
+
+/// The stdout copy: one event on the audit target carrying the JSON record.
+fn emit(record: &AuditRecord, line: &str) {
+    info!(
+        target: AUDIT_TARGET,
+        namespace = %record.namespace,
+        pod = %record.pod,
+        identity = %record.identity,
+        outcome = record.outcome.as_str(),
+        status = record.status,
+        record = %line,
+        "audit"
+    );
 }
 
 #[derive(Debug, Default)]
@@ -98,18 +117,11 @@ impl AuditLog {
     /// retried on every record.
     pub fn start(config: AuditConfig) -> Self {
         let counts = Arc::new(Counts::default());
-        let Some(path) = config.path.clone() else {
-            return Self {
-                sender: None,
-                counts,
-                thread: None,
-            };
-        };
         let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
         let thread_counts = counts.clone();
         let thread = std::thread::Builder::new()
             .name("podid-audit".into())
-            .spawn(move || FileWriter::new(path, config).run(receiver, &thread_counts))
+            .spawn(move || FileWriter::new(config).run(receiver, &thread_counts))
             .ok();
         Self {
             sender: thread.as_ref().map(|_| sender),
@@ -118,35 +130,20 @@ impl AuditLog {
         }
     }
 
-    /// Records one request.
-    pub fn record(&self, record: &AuditRecord) {
-        let line = match serde_json::to_string(record) {
-            Ok(line) => line,
-            Err(_) => {
-                self.counts.lost.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        info!(
-            target: AUDIT_TARGET,
-            namespace = %record.namespace,
-            pod = %record.pod,
-            identity = %record.identity,
-            resource = %record.resource,
-            status = record.status,
-            outcome = record.outcome.as_str(),
-            reason = %record.reason,
-            cache = ?record.cache,
-            latency_us = record.latency_us,
-            record = %line,
-            "audit"
-        );
+    /// Records one request. The JSON encoding, the stdout event and the file
+    /// write happen on the writer thread, off the request's path.
+    pub fn record(&self, record: AuditRecord) {
         let Some(sender) = &self.sender else {
+            emit(&record, &encode(&record));
             return;
         };
-        match sender.try_send(Message::Line(line)) {
+        match sender.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(message)) | Err(TrySendError::Disconnected(message)) => {
+                // The stdout copy is kept even when the file cannot keep up.
+                if let Message::Record(record) = message {
+                    emit(&record, &encode(&record));
+                }
                 self.counts.lost.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -182,7 +179,8 @@ impl Drop for AuditLog {
 }
 
 struct FileWriter {
-    path: PathBuf,
+    /// `None`: stdout only.
+    path: Option<PathBuf>,
     config: AuditConfig,
     file: Option<BufWriter<File>>,
     size: u64,
@@ -190,9 +188,9 @@ struct FileWriter {
 }
 
 impl FileWriter {
-    fn new(path: PathBuf, config: AuditConfig) -> Self {
+    fn new(config: AuditConfig) -> Self {
         Self {
-            path,
+            path: config.path.clone(),
             config,
             file: None,
             size: 0,
@@ -213,21 +211,26 @@ impl FileWriter {
     }
 
     fn handle(&mut self, message: Message, counts: &Counts) {
-        let line = match message {
-            Message::Line(line) => line,
+        let record = match message {
+            Message::Record(record) => record,
             Message::Flush(done) => {
                 self.flush_quietly();
                 let _ = done.send(());
                 return;
             }
         };
-        match self.write_line(&line) {
+        let line = encode(&record);
+        emit(&record, &line);
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        match self.write_line(&path, &line) {
             Ok(()) => {
                 counts.written.fetch_add(1, Ordering::Relaxed);
                 if self.failing {
                     eprintln!(
                         "podid-agent: audit log {} is writable again",
-                        self.path.display()
+                        path.display()
                     );
                     self.failing = false;
                 }
@@ -258,19 +261,19 @@ impl FileWriter {
         }
     }
 
-    fn open(&mut self) -> Result<(), AuditError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    fn open(&mut self, path: &Path) -> Result<(), AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(|source| AuditError::Open {
-                path: self.path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
+            .open(path)
             .map_err(|source| AuditError::Open {
-                path: self.path.clone(),
+                path: path.to_path_buf(),
                 source,
             })?;
         self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -278,44 +281,46 @@ impl FileWriter {
         Ok(())
     }
 
-    fn write_line(&mut self, line: &str) -> Result<(), AuditError> {
+    fn write_line(&mut self, path: &Path, line: &str) -> Result<(), AuditError> {
         let needed = line.len() as u64 + 1;
         if self.file.is_some() && self.size > 0 && self.size + needed > self.config.max_bytes {
-            self.rotate()?;
+            self.rotate(path)?;
         }
         if self.file.is_none() {
-            self.open()?;
+            self.open(path)?;
         }
-        let path = self.path.clone();
         let file = self.file.as_mut().ok_or_else(|| AuditError::Write {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source: std::io::Error::other("audit file not open"),
         })?;
         let result = file
             .write_all(line.as_bytes())
             .and_then(|()| file.write_all(b"\n"));
-        result.map_err(|source| AuditError::Write { path, source })?;
+        result.map_err(|source| AuditError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
         self.size += needed;
         Ok(())
     }
 
-    fn rotate(&mut self) -> Result<(), AuditError> {
+    fn rotate(&mut self, path: &Path) -> Result<(), AuditError> {
         self.flush_quietly();
         self.file = None;
         let rotate_err = |source| AuditError::Rotate {
-            path: self.path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         if self.config.max_files == 0 {
-            return fs::remove_file(&self.path).map_err(rotate_err);
+            return fs::remove_file(path).map_err(rotate_err);
         }
         for i in (1..self.config.max_files).rev() {
-            let from = rotated(&self.path, i);
+            let from = rotated(path, i);
             if from.exists() {
-                fs::rename(&from, rotated(&self.path, i + 1)).map_err(rotate_err)?;
+                fs::rename(&from, rotated(path, i + 1)).map_err(rotate_err)?;
             }
         }
-        fs::rename(&self.path, rotated(&self.path, 1)).map_err(rotate_err)
+        fs::rename(path, rotated(path, 1)).map_err(rotate_err)
     }
 }
 
@@ -360,7 +365,7 @@ mod tests {
             max_files: 2,
         });
         for i in 0..40 {
-            log.record(&record(&format!("pod-{i}")));
+            log.record(record(&format!("pod-{i}")));
         }
         log.flush();
         assert_eq!(log.written(), 40);
@@ -391,13 +396,13 @@ mod tests {
             path: Some(path.clone()),
             ..AuditConfig::default()
         });
-        log.record(&record("a"));
-        log.record(&record("b"));
+        log.record(record("a"));
+        log.record(record("b"));
         log.flush();
         assert_eq!(log.lost(), 2);
         assert_eq!(log.written(), 0);
         fs::remove_dir(&path).unwrap();
-        log.record(&record("c"));
+        log.record(record("c"));
         log.flush();
         assert_eq!(log.written(), 1);
         assert!(fs::read_to_string(&path).unwrap().contains("\"pod\":\"c\""));

@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 mod logs;
+mod peer_map;
 pub mod pins;
 
 use std::{
@@ -87,6 +88,11 @@ pub enum RedirectError {
         action: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("taking a record from the peer map")]
+    PeerMap {
+        #[source]
+        source: std::io::Error,
     },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
@@ -196,7 +202,7 @@ pub enum Attachment {
 pub struct Redirect {
     layout: PinLayout,
     cgroup_id: u64,
-    peers: Mutex<HashMap<MapData, PeerKey, ConnectRecord>>,
+    peers: peer_map::PeerMap,
     exempt: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
     attachments: Vec<(&'static str, Attachment)>,
@@ -302,13 +308,25 @@ impl Redirect {
                 source,
             })?;
         let exempt: HashMap<MapData, u64, u32> = take_map(&mut ebpf, MAP_EXEMPT_CGROUPS)?;
-        let peers: HashMap<MapData, PeerKey, ConnectRecord> = take_map(&mut ebpf, PEER)?;
+        let peers = match ebpf.take_map(PEER) {
+            Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) => {
+                peer_map::PeerMap::new(data)
+            }
+            Some(_) => {
+                return Err(RedirectError::Map {
+                    map: PEER,
+                    action: "opening",
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            }
+            None => return Err(RedirectError::MissingMap(PEER)),
+        };
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_COUNTERS)?;
 
         let mut redirect = Redirect {
             layout,
             cgroup_id,
-            peers: Mutex::new(peers),
+            peers,
             exempt: Mutex::new(exempt),
             counters,
             attachments: Vec::new(),
@@ -506,28 +524,13 @@ impl Redirect {
             client_port: peer.port(),
             agent_port: local.port(),
         };
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let record = match peers.get(&key, 0) {
-            Ok(record) => record,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(source) => {
-                return Err(RedirectError::Map {
-                    map: PEER,
-                    action: "looking up a peer",
-                    source,
-                });
-            }
+        let record = self
+            .peers
+            .take(&key)
+            .map_err(|source| RedirectError::PeerMap { source })?;
+        let Some(record) = record else {
+            return Ok(None);
         };
-        match peers.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(RedirectError::Map {
-                    map: PEER,
-                    action: "removing a used peer record",
-                    source,
-                });
-            }
-        }
         Ok(Some(record.into()))
     }
 

@@ -8,11 +8,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use podid_api::{AzureIdentity, IdentityType};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug_span};
 
 use super::{
     AppState, Connection,
-    imds::{self, ImdsError, Route, TokenBody},
+    imds::{self, ImdsError, Route},
 };
 use crate::{
     audit::{AuditRecord, CacheUse, Outcome},
@@ -112,7 +112,9 @@ pub(crate) async fn handle<S: WorkloadSource>(
         path: request.uri().path().to_string(),
         ..AuditRecord::default()
     };
-    let span = info_span!(
+    // Debug level: per-request spans cost formatting on every request, and
+    // the audit record carries the same facts at info level.
+    let span = debug_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
@@ -139,12 +141,12 @@ pub(crate) async fn handle<S: WorkloadSource>(
     if audit.outcome == Outcome::Unattributed {
         state.metrics.unattributed(unattributed_kind(&audit.reason));
     }
-    state.audit.record(&audit);
     if let Some(workload) = &workload
         && is_denial(audit.outcome)
     {
         state.source.on_denied(workload, &audit);
     }
+    state.audit.record(audit);
     answer.response
 }
 
@@ -433,19 +435,8 @@ async fn token<S: WorkloadSource>(
             if audit.client_id.is_empty() {
                 audit.client_id = token.client_id.clone();
             }
-            let now = now_unix();
-            let body = TokenBody {
-                access_token: &token.access_token,
-                refresh_token: "",
-                expires_in: token.expires_on.saturating_sub(now).to_string(),
-                expires_on: token.expires_on.to_string(),
-                not_before: token.not_before.to_string(),
-                resource: &query.resource,
-                token_type: &token.token_type,
-                client_id: &token.client_id,
-            };
             Answer {
-                response: body.response(),
+                response: imds::token_response(&token, &query.resource, now_unix()),
                 outcome: Outcome::Issued,
                 reason: String::new(),
             }

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::identity::RequestedIdentity;
+use crate::{identity::RequestedIdentity, tokens::IssuedToken};
 
 /// Oldest api-version IMDS's identity endpoint accepts.
 const OLDEST_API_VERSION: &str = "2018-02-01";
@@ -249,24 +249,19 @@ fn api_version_supported(version: &str) -> bool {
     well_formed && date >= OLDEST_API_VERSION
 }
 
-/// The 200 body, IMDS's shape: every field a string.
-#[derive(Debug, Serialize)]
-pub struct TokenBody<'a> {
-    pub access_token: &'a str,
-    pub refresh_token: &'a str,
-    pub expires_in: String,
-    pub expires_on: String,
-    pub not_before: String,
-    pub resource: &'a str,
-    pub token_type: &'a str,
-    pub client_id: &'a str,
-}
-
-impl TokenBody<'_> {
-    /// The response.
-    pub fn response(&self) -> Response<Full<Bytes>> {
-        json_response(StatusCode::OK, serde_json::to_vec(self).unwrap_or_default())
-    }
+/// The 200 response, IMDS's shape: every field a string. The token's own
+/// members come pre-escaped from the cache ([`IssuedToken::json_fields`]).
+pub fn token_response(token: &IssuedToken, resource: &str, now: u64) -> Response<Full<Bytes>> {
+    let resource = serde_json::to_string(resource).unwrap_or_else(|_| "\"\"".into());
+    let body = format!(
+        "{{{},\"refresh_token\":\"\",\"expires_in\":\"{}\",\"expires_on\":\"{}\",\"not_before\":\"{}\",\"resource\":{}}}",
+        token.json_fields(),
+        token.expires_on.saturating_sub(now),
+        token.expires_on,
+        token.not_before,
+        resource
+    );
+    json_response(StatusCode::OK, body.into_bytes())
 }
 
 #[cfg(test)]
@@ -374,6 +369,44 @@ mod tests {
             assert_eq!(error.status, StatusCode::BAD_REQUEST);
             assert!(error.description.contains(expected), "{query:?}: {error:?}");
         }
+    }
+
+    #[test]
+    fn token_bodies_have_every_field_as_a_string() {
+        let token = IssuedToken::new(
+            "a\"b".into(),
+            2000,
+            1000,
+            "Bearer".into(),
+            "https://vault.azure.net".into(),
+            "cid".into(),
+        );
+        let response = token_response(&token, "https://vault.azure.net/", 1500);
+        let body = futures_lite_body(response);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        for (field, value) in [
+            ("access_token", "a\"b"),
+            ("refresh_token", ""),
+            ("expires_in", "500"),
+            ("expires_on", "2000"),
+            ("not_before", "1000"),
+            ("resource", "https://vault.azure.net/"),
+            ("token_type", "Bearer"),
+            ("client_id", "cid"),
+        ] {
+            assert_eq!(json[field], value, "{field}");
+        }
+    }
+
+    fn futures_lite_body(response: Response<Full<Bytes>>) -> Bytes {
+        use http_body_util::BodyExt;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(response.into_body().collect())
+            .unwrap()
+            .to_bytes()
     }
 
     #[test]

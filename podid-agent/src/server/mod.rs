@@ -27,7 +27,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 pub use handler::ServerSettings;
 use head::{HeadError, HeadLimits, Rewind, raw_error_response, read_head};
@@ -214,7 +214,7 @@ async fn serve_connection<S: WorkloadSource>(
         Ok(Some(r)) => (r.cgroup_id, r.tgid),
         _ => (0, 0),
     };
-    let span = info_span!("connection", %peer, cgroup_id, pid);
+    let span = debug_span!("connection", %peer, cgroup_id, pid);
     async move {
         let limits = HeadLimits {
             max_bytes: state.settings.max_header_bytes,
@@ -249,7 +249,7 @@ async fn serve_connection<S: WorkloadSource>(
                 state
                     .metrics
                     .request("", "", outcome, error.status.as_u16(), accepted.elapsed());
-                state.audit.record(&record);
+                state.audit.record(record);
                 return;
             }
         };

@@ -202,15 +202,14 @@ mod tests {
     use crate::tokens::credential::resolve;
 
     fn token(expires_on: u64) -> IssuedToken {
-        IssuedToken {
-            access_token: "t".into(),
+        IssuedToken::new(
+            "t".into(),
             expires_on,
-            not_before: 0,
-            token_type: "Bearer".into(),
-            resource: "r".into(),
-            client_id: String::new(),
-            fingerprint: String::new(),
-        }
+            0,
+            "Bearer".into(),
+            "r".into(),
+            String::new(),
+        )
     }
 
     #[test]

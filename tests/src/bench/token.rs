@@ -34,6 +34,7 @@ use crate::{
 const RESOURCE: &str = "https://vault.azure.net";
 const CONCURRENCY: usize = 32;
 const FIXED_RATE: u64 = 1_000;
+const ROUNDS: u32 = 5;
 
 fn request(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n")
@@ -50,6 +51,39 @@ async fn one(target: SocketAddr, request: &[u8]) -> Option<Duration> {
     response
         .starts_with(b"HTTP/1.1 200")
         .then(|| started.elapsed())
+}
+
+/// Sequential requests, timing connect, first response byte and end of
+/// response separately (p50 of each, µs).
+async fn phases(target: SocketAddr, path: &str, count: usize) -> (f64, f64, f64) {
+    let request = request(path);
+    let (mut connect, mut first, mut eof) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..count {
+        let t0 = Instant::now();
+        let Ok(mut stream) = TcpStream::connect(target).await else {
+            continue;
+        };
+        let t1 = Instant::now();
+        if stream.write_all(&request).await.is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        if stream.read(&mut buf).await.unwrap_or(0) == 0 {
+            continue;
+        }
+        let t2 = Instant::now();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest).await;
+        let t3 = Instant::now();
+        connect.push((t1 - t0).as_secs_f64() * 1e6);
+        first.push((t2 - t1).as_secs_f64() * 1e6);
+        eof.push((t3 - t2).as_secs_f64() * 1e6);
+    }
+    (
+        super::median(&connect),
+        super::median(&first),
+        super::median(&eof),
+    )
 }
 
 /// Closed-loop load from `CONCURRENCY` workers for `duration`.
@@ -123,6 +157,22 @@ struct Run {
 }
 
 impl Run {
+    /// Medians across rounds of each figure.
+    fn median_of(runs: &[Run]) -> Run {
+        let pick = |f: &dyn Fn(&Run) -> f64| super::median(&runs.iter().map(f).collect::<Vec<_>>());
+        Run {
+            stats: Stats {
+                p10: pick(&|r| r.stats.p10),
+                p50: pick(&|r| r.stats.p50),
+                p90: pick(&|r| r.stats.p90),
+                p99: pick(&|r| r.stats.p99),
+            },
+            requests: runs.iter().map(|r| r.requests).sum(),
+            errors: runs.iter().map(|r| r.errors).sum(),
+            per_second: pick(&|r| r.per_second),
+        }
+    }
+
     fn new(latencies: Vec<f64>, errors: u64, took: Duration) -> Self {
         Self {
             stats: Stats::of(&latencies),
@@ -198,7 +248,10 @@ spec: {{cgroup: bench}}
         cgroups: vec!["bench".into()],
         emulator: EmulatorConfig::default().with_user_assigned(identity),
         secrets: Vec::new(),
-        agent_args: Vec::new(),
+        // PODID_BENCH_AGENT_ARGS adds agent flags, to compare configurations.
+        agent_args: std::env::var("PODID_BENCH_AGENT_ARGS")
+            .map(|a| a.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
     });
     let path =
         format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}");
@@ -221,17 +274,26 @@ spec: {{cgroup: bench}}
         );
         let floor = floor_server(body).await?;
 
-        // Interleave, so both see the same machine conditions.
-        let agent_saturated = saturate(imds, &path, seconds).await;
-        let floor_saturated = saturate(floor, &path, seconds).await;
-        let agent_fixed = fixed_rate(imds, &path, FIXED_RATE, seconds).await;
-        let floor_fixed = fixed_rate(floor, &path, FIXED_RATE, seconds).await;
-        Ok::<_, anyhow::Error>((agent_saturated, floor_saturated, agent_fixed, floor_fixed))
+        let agent_phases = phases(imds, &path, 500).await;
+        let floor_phases = phases(floor, &path, 500).await;
+        println!("sequential p50 µs (connect, first byte, rest to EOF): agent {agent_phases:.0?}, floor {floor_phases:.0?}");
+        // Interleave short rounds, so every variant sees the same machine
+        // conditions; report medians across rounds.
+        let round = seconds / ROUNDS;
+        let mut rounds: [Vec<Run>; 4] = Default::default();
+        for _ in 0..ROUNDS {
+            rounds[0].push(saturate(imds, &path, round).await);
+            rounds[1].push(saturate(floor, &path, round).await);
+            rounds[2].push(fixed_rate(imds, &path, FIXED_RATE, round).await);
+            rounds[3].push(fixed_rate(floor, &path, FIXED_RATE, round).await);
+        }
+        let [a, b, c, d] = rounds.map(|runs| Run::median_of(&runs));
+        Ok::<_, anyhow::Error>((a, b, c, d))
     });
     let (agent_saturated, floor_saturated, agent_fixed, floor_fixed) = result?;
     println!(
-        "\ntoken benchmark: cached token, a new TCP connection per request, {} s per measurement\n",
-        seconds.as_secs()
+        "\ntoken benchmark: cached token, a new TCP connection per request; {ROUNDS} interleaved rounds of {:.1} s per variant, medians across rounds\n",
+        (seconds / ROUNDS).as_secs_f64()
     );
     println!(
         "{:<34} {:>10} {:>10} {:>10} {:>10} {:>7}",
@@ -255,7 +317,14 @@ spec: {{cgroup: bench}}
         "agent p99 at {FIXED_RATE} req/s = {:.0} µs  (target < 1000 µs)",
         agent_fixed.stats.p99
     );
-    let audit = harness.audit_records(0).len();
-    println!("audit records written: {audit}");
+    let records = harness.audit_records(0);
+    let handler: Vec<f64> = records.iter().map(|r| r.latency_us as f64).collect();
+    let handler = Stats::of(&handler);
+    println!(
+        "agent handler time (audit latency_us, all requests): p50 {:.0} µs, p99 {:.0} µs; {} audit records",
+        handler.p50,
+        handler.p99,
+        records.len()
+    );
     Ok(())
 }
