@@ -82,8 +82,51 @@ impl ScrapeSource for Scrape {
     }
 }
 
+/// Descriptors the agent needs besides its connections: maps, listeners,
+/// upstream connections, the audit file.
+const NOFILE_RESERVE: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit. Every connection is a
+/// descriptor, and service managers start processes with a soft limit of
+/// 1024, far below `--max-connections`: at the limit `accept` fails, and so
+/// does the metrics listener, taking `/healthz` and `/readyz` with it.
+fn raise_nofile_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit with a valid pointer to an initialised struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        } else {
+            warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+        }
+    }
+    let needed = max_connections as u64 + NOFILE_RESERVE;
+    if limit.rlim_cur < needed {
+        warn!(
+            limit = limit.rlim_cur,
+            needed,
+            "the open file limit is below --max-connections; connections beyond it wait in the listen backlog"
+        );
+    } else {
+        info!(limit = limit.rlim_cur, "open file limit");
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    raise_nofile_limit(args.max_connections);
     let node = args.node_name();
     let listen = args.listen_addr().map_err(anyhow::Error::msg)?;
     let mount = match &args.cgroup_mount {

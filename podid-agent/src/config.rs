@@ -159,8 +159,10 @@ pub struct RunArgs {
     #[arg(long, env = "PODID_TOKEN_CACHE_SIZE", default_value_t = 10_000)]
     pub token_cache_size: usize,
 
-    /// Concurrent upstream token calls at most.
-    #[arg(long, env = "PODID_UPSTREAM_CONCURRENCY", default_value_t = 32)]
+    /// Concurrent upstream token calls at most, per upstream (IMDS and
+    /// Entra ID each). IMDS allows 5 concurrent identity requests per VM and
+    /// throttles beyond that.
+    #[arg(long, env = "PODID_UPSTREAM_CONCURRENCY", default_value_t = 5)]
     pub upstream_concurrency: usize,
 
     /// Log level (error, warn, info, debug, trace) or a tracing filter.

@@ -183,7 +183,15 @@ struct FileWriter {
     path: Option<PathBuf>,
     config: AuditConfig,
     file: Option<BufWriter<File>>,
+    /// Bytes in the file, counting what is still buffered.
     size: u64,
+    /// Length of the file after the last successful flush: everything up to
+    /// here is on disk, as whole lines.
+    durable: u64,
+    /// Records buffered since the last successful flush. They count as
+    /// written only once a flush succeeds: with a full disk it is the flush
+    /// that fails, and those records are lost.
+    pending: u64,
     failing: bool,
 }
 
@@ -194,6 +202,8 @@ impl FileWriter {
             config,
             file: None,
             size: 0,
+            durable: 0,
+            pending: 0,
             failing: false,
         }
     }
@@ -205,16 +215,16 @@ impl FileWriter {
             while let Ok(message) = receiver.try_recv() {
                 self.handle(message, counts);
             }
-            self.flush_quietly();
+            self.flush(counts);
         }
-        self.flush_quietly();
+        self.flush(counts);
     }
 
     fn handle(&mut self, message: Message, counts: &Counts) {
         let record = match message {
             Message::Record(record) => record,
             Message::Flush(done) => {
-                self.flush_quietly();
+                self.flush(counts);
                 let _ = done.send(());
                 return;
             }
@@ -224,9 +234,27 @@ impl FileWriter {
         let Some(path) = self.path.clone() else {
             return;
         };
-        match self.write_line(&path, &line) {
+        match self.write_line(&path, &line, counts) {
+            Ok(()) => self.pending += 1,
+            Err(error) => {
+                // This record, and whatever was buffered with it.
+                counts.lost.fetch_add(1, Ordering::Relaxed);
+                self.fail(&error, counts);
+            }
+        }
+    }
+
+    /// Flushes the buffer; the records in it are written, or lost.
+    fn flush(&mut self, counts: &Counts) {
+        let Some(file) = &mut self.file else { return };
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        match file.flush() {
             Ok(()) => {
-                counts.written.fetch_add(1, Ordering::Relaxed);
+                counts.written.fetch_add(self.pending, Ordering::Relaxed);
+                self.pending = 0;
+                self.durable = self.size;
                 if self.failing {
                     eprintln!(
                         "podid-agent: audit log {} is writable again",
@@ -235,29 +263,35 @@ impl FileWriter {
                     self.failing = false;
                 }
             }
-            Err(error) => {
-                counts.lost.fetch_add(1, Ordering::Relaxed);
-                if !self.failing {
-                    eprintln!(
-                        "podid-agent: {}: {}; audit records are being lost (see podid_audit_records_lost_total)",
-                        error,
-                        std::error::Error::source(&error)
-                            .map(ToString::to_string)
-                            .unwrap_or_default()
-                    );
-                    self.failing = true;
-                }
-                // Reopen on the next record: the file may have been removed.
-                self.file = None;
-            }
+            Err(source) => self.fail(&AuditError::Write { path, source }, counts),
         }
     }
 
-    fn flush_quietly(&mut self) {
-        if let Some(file) = &mut self.file
-            && file.flush().is_err()
-        {
-            self.file = None;
+    /// Counts the buffered records as lost, says so on stderr (once per
+    /// failure streak), drops the buffer without writing it and cuts the
+    /// file back to its last whole line, so that a later record never
+    /// continues a partly written one. The file is reopened on the next
+    /// record: it may have been removed, or space may come back.
+    fn fail(&mut self, error: &AuditError, counts: &Counts) {
+        counts.lost.fetch_add(self.pending, Ordering::Relaxed);
+        self.pending = 0;
+        if let Some(file) = self.file.take() {
+            let (file, _discarded) = file.into_parts();
+            // Only ever shorten: the file may have been truncated meanwhile.
+            if file.metadata().is_ok_and(|m| m.len() > self.durable) {
+                let _ = file.set_len(self.durable);
+            }
+        }
+        self.size = self.durable;
+        if !self.failing {
+            eprintln!(
+                "podid-agent: {}: {}; audit records are being lost (see podid_audit_records_lost_total)",
+                error,
+                std::error::Error::source(error)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            self.failing = true;
         }
     }
 
@@ -277,14 +311,15 @@ impl FileWriter {
                 source,
             })?;
         self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.durable = self.size;
         self.file = Some(BufWriter::new(file));
         Ok(())
     }
 
-    fn write_line(&mut self, path: &Path, line: &str) -> Result<(), AuditError> {
+    fn write_line(&mut self, path: &Path, line: &str, counts: &Counts) -> Result<(), AuditError> {
         let needed = line.len() as u64 + 1;
         if self.file.is_some() && self.size > 0 && self.size + needed > self.config.max_bytes {
-            self.rotate(path)?;
+            self.rotate(path, counts)?;
         }
         if self.file.is_none() {
             self.open(path)?;
@@ -304,8 +339,8 @@ impl FileWriter {
         Ok(())
     }
 
-    fn rotate(&mut self, path: &Path) -> Result<(), AuditError> {
-        self.flush_quietly();
+    fn rotate(&mut self, path: &Path, counts: &Counts) -> Result<(), AuditError> {
+        self.flush(counts);
         self.file = None;
         let rotate_err = |source| AuditError::Rotate {
             path: path.to_path_buf(),
@@ -384,6 +419,22 @@ mod tests {
         }
         drop(log);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_disk_counts_buffered_records_as_lost_not_written() {
+        // /dev/full accepts the open and fails every write with ENOSPC: the
+        // records fit in the buffer, and the flush is what fails.
+        let log = AuditLog::start(AuditConfig {
+            path: Some(PathBuf::from("/dev/full")),
+            ..AuditConfig::default()
+        });
+        for i in 0..3 {
+            log.record(record(&format!("pod-{i}")));
+        }
+        log.flush();
+        assert_eq!(log.written(), 0);
+        assert_eq!(log.lost(), 3);
     }
 
     #[test]

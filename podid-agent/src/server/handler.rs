@@ -178,7 +178,11 @@ async fn route<S: WorkloadSource>(
         Route::MalformedToken => Answer::error(
             ImdsError::bad_request("Invalid request"),
             Outcome::InvalidRequest,
-            "a path resembling the token endpoint is never forwarded",
+            if imds::is_canonical(request.uri().path()) {
+                "a path resembling the token endpoint is never forwarded"
+            } else {
+                "a non-canonical path (percent-encoding, backslash, empty or dot segment) is never forwarded"
+            },
         ),
         Route::Instance if state.settings.block_instance_metadata => {
             if let Err(error) = imds::check_headers(request.headers()) {

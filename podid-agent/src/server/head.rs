@@ -96,8 +96,19 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
+/// Where the head ends: the first empty line after the request line. Empty
+/// lines before the request line are skipped, as httparse and hyper skip
+/// them (RFC 9112 §2.2), so that `\r\n\r\nGET …` is not taken for a
+/// complete (empty) head.
 fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    buf[start..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| start + i + 4)
 }
 
 fn check_parse(head: &[u8]) -> Result<(), HeadError> {
@@ -178,8 +189,13 @@ pub fn raw_error_response(error: &ImdsError) -> Vec<u8> {
         "error_description": error.description,
     })
     .to_string();
+    // The 503 of the connection cap carries one, so SDKs pace their retries.
+    let retry_after = error
+        .retry_after
+        .map(|seconds| format!("retry-after: {seconds}\r\n"))
+        .unwrap_or_default();
     format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n{retry_after}connection: close\r\n\r\n{}",
         error.status.as_u16(),
         error.status.canonical_reason().unwrap_or(""),
         body.len(),
@@ -219,6 +235,11 @@ mod tests {
     #[tokio::test]
     async fn refuses_malformed_oversized_and_slow_heads() {
         assert_eq!(status(read(b"NOT A REQUEST\r\n\r\n").await), 400);
+        // Empty lines before the request line are skipped, not a head.
+        let input = b"\r\n\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(&read(input).await.unwrap()[..], &input[..]);
+        assert_eq!(status(read(b"\r\n\r\nGET /x HT").await), 0);
+        assert_eq!(status(read(b"\r\n\r\nd=").await), 400);
         assert_eq!(
             status(read(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n").await),
             400
@@ -239,5 +260,16 @@ mod tests {
         let text = String::from_utf8(raw_error_response(&ImdsError::bad_request("x"))).unwrap();
         assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(text.ends_with(r#"{"error":"invalid_request","error_description":"x"}"#));
+        assert!(!text.contains("retry-after"));
+        let text = String::from_utf8(raw_error_response(
+            &ImdsError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "busy",
+            )
+            .with_retry_after(1),
+        ))
+        .unwrap();
+        assert!(text.contains("\r\nretry-after: 1\r\n"), "{text}");
     }
 }

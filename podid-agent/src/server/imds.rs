@@ -107,8 +107,37 @@ pub enum Route {
     Other,
 }
 
-/// Classifies a request path as NMI's router does.
+/// Whether `path` has the only shape IMDS's own paths have: `/` and
+/// segments of letters, digits, `-`, `_`, `.` and `~`, none of them empty
+/// (but for a trailing `/`), `.` or `..`.
+///
+/// Anything else (percent-encoding, `\`, `//`, dot segments, `;`) may be
+/// read differently upstream: a front end like HTTP.sys decodes and
+/// canonicalises paths, so `/metadata/identity/oauth2/%74oken` reaches IMDS
+/// as its token endpoint, which then answers with whatever identity the
+/// query names. Such paths are never forwarded.
+pub fn is_canonical(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    rest.is_empty()
+        || rest.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+        })
+}
+
+/// Classifies a request path as NMI's router does. A non-canonical path
+/// (see [`is_canonical`]) is [`Route::MalformedToken`]: never forwarded.
 pub fn route(path: &str) -> Route {
+    if !is_canonical(path) {
+        return Route::MalformedToken;
+    }
     let mut segments = path.trim_start_matches('/').splitn(2, '/');
     let first = segments.next().unwrap_or("");
     let rest = segments.next().unwrap_or("");
@@ -123,9 +152,10 @@ pub fn route(path: &str) -> Route {
     {
         return Route::MalformedToken;
     }
-    if is_metadata
-        && (rest == "instance" || rest.starts_with("instance/") || rest.starts_with("instance?"))
-    {
+    // Case-insensitive: an upstream that ignores case must not see an
+    // instance path that escaped --block-instance-metadata.
+    let rest = rest.to_ascii_lowercase();
+    if is_metadata && (rest == "instance" || rest.starts_with("instance/")) {
         return Route::Instance;
     }
     Route::Other
@@ -285,6 +315,37 @@ mod tests {
         assert_eq!(route("/Metadata/instance/compute"), Route::Instance);
         assert_eq!(route("/metadata/instancex"), Route::Other);
         assert_eq!(route("/doesnotexist"), Route::Other);
+        assert_eq!(route("/METADATA/INSTANCE/compute"), Route::Instance);
+    }
+
+    #[test]
+    fn non_canonical_paths_are_never_forwarded() {
+        for path in [
+            "/metadata/identity/oauth2/%74oken",
+            "/%6detadata/identity/oauth2/token",
+            "/metadata/identity%2Foauth2%2Ftoken",
+            "/metadata/identity/oauth2/x/../token",
+            "/metadata/./identity/oauth2/token",
+            "/metadata//identity/oauth2/token",
+            "//metadata/identity/oauth2/token",
+            "/metadata\\identity\\oauth2\\token",
+            "/metadata/%69nstance",
+            "/metadata/instance;x",
+            "metadata/instance",
+            "",
+        ] {
+            assert!(!is_canonical(path), "{path}");
+            assert_eq!(route(path), Route::MalformedToken, "{path}");
+        }
+        for path in [
+            "/",
+            "/metadata/instance/compute/tagsList",
+            "/metadata/identity/oauth2/token/",
+            "/metadata/attested/document",
+            "/metadata/versions",
+        ] {
+            assert!(is_canonical(path), "{path}");
+        }
     }
 
     #[test]

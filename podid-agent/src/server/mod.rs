@@ -7,7 +7,7 @@
 //! connection per request keeps it exact.
 
 mod handler;
-mod head;
+pub mod head;
 pub mod imds;
 mod proxy;
 
@@ -142,7 +142,7 @@ pub async fn serve<S: WorkloadSource>(
         let _ = stream.set_nodelay(true);
         if active.load(Ordering::Relaxed) >= state.settings.max_connections {
             state.metrics.rejected_connection("connection_limit");
-            tokio::spawn(refuse(stream, state.clone(), "connection_limit"));
+            tokio::spawn(refuse(stream, peer, state.clone(), "connection_limit"));
             continue;
         }
         let guard = ActiveGuard::new(active.clone(), state.clone());
@@ -178,7 +178,17 @@ impl<S> Drop for ActiveGuard<S> {
     }
 }
 
-async fn refuse<S>(mut stream: TcpStream, state: Arc<AppState<S>>, reason: &'static str) {
+async fn refuse<S>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState<S>>,
+    reason: &'static str,
+) {
+    // Take the kernel's record all the same: left in the map, it would wait
+    // for eviction under a 4-tuple that a later connection may reuse.
+    if let Ok(local) = stream.local_addr() {
+        let _ = state.records.take(peer, local);
+    }
     let error = imds::ImdsError::new(
         http::StatusCode::SERVICE_UNAVAILABLE,
         "temporarily_unavailable",

@@ -209,6 +209,10 @@ async fn tokens_and_secrets_never_reach_logs_errors_or_debug_output() {
         .with_ansi(false)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // A callsite that another test thread registered while this subscriber
+    // was being installed may have cached "never"; recompute every interest
+    // now that this subscriber is in place.
+    tracing::callsite::rebuild_interest_cache();
 
     let cert = TestCertificate::shared().expect("certificate");
     let ua = ManagedIdentity::user_assigned("hygiene");
