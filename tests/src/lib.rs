@@ -6,6 +6,7 @@ pub mod arm;
 pub mod bench;
 pub mod emulator;
 pub mod harness;
+pub mod http_server;
 pub mod kube;
 pub mod privileged;
 pub mod probe;

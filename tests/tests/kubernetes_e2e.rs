@@ -13,70 +13,29 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod},
-    events::v1::Event as K8sEvent,
-};
+use k8s_openapi::api::{core::v1::Node, events::v1::Event as K8sEvent};
 use podid_agent::audit::{AuditRecord, Outcome};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentitySpec,
-    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
-    AzureIdentitySpec, NODENAME_LABEL,
+    AzureAssignedIdentityStatus, AzureIdentity, NODENAME_LABEL,
 };
 use podid_tests::{
     emulator::{EmulatorConfig, ManagedIdentity, token_claims},
     harness::{python_client, run_client_json},
-    kube::{FakeApiServer, KubeNodeHarness, KubeNodeSpec, PodCgroupLayout},
+    kube::{
+        FakeApiServer, KubeNodeHarness, KubeNodeSpec, NODE_NAME, PodCgroupLayout,
+        identity_and_binding, running_pod,
+    },
     privileged::{cgroup_id_of, preconditions_met},
 };
-use serde_json::json;
 
 const SCOPE: &str = "https://vault.azure.net/.default";
-const NODE: &str = "e2e-node";
 const TAINT: &str = "podid.dev/agent-not-ready";
 const SQL_UID: &str = "5f3e2d1c-0b9a-4876-a543-210fedcba987";
 const STRANGER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
 fn container_id(seed: char) -> String {
     std::iter::repeat_n(seed, 64).collect()
-}
-
-/// A running pod on the harness's node, as kubelet reports it.
-fn pod(namespace: &str, name: &str, uid: &str, selector: &str, container: &str, id: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": namespace, "uid": uid,
-                     "labels": {"aadpodidbinding": selector}},
-        "spec": {"nodeName": NODE, "containers": [{"name": container}]},
-        "status": {"phase": "Running", "containerStatuses": [{
-            "name": container, "containerID": format!("containerd://{id}"),
-            "image": "app", "imageID": "", "ready": true, "restartCount": 0,
-        }]},
-    }))
-    .expect("pod")
-}
-
-/// The seed's identity and binding, for the emulator's identity.
-fn seed_objects(identity: &ManagedIdentity) -> (AzureIdentity, AzureIdentityBinding) {
-    let mut azure_identity = AzureIdentity::new(
-        "sqlpodidentity",
-        AzureIdentitySpec {
-            identity_type: 0,
-            resource_id: identity.resource_id.clone(),
-            client_id: identity.client_id.clone(),
-            ..AzureIdentitySpec::default()
-        },
-    );
-    azure_identity.metadata.namespace = Some("demo".into());
-    let mut binding = AzureIdentityBinding::new(
-        "sqlpodidentity-binding",
-        AzureIdentityBindingSpec {
-            azure_identity: "sqlpodidentity".into(),
-            selector: "sqlpodid".into(),
-            weight: None,
-        },
-    );
-    binding.metadata.namespace = Some("demo".into());
-    (azure_identity, binding)
 }
 
 /// The controller's assignment of `identity` to the pod `demo/sql-client`.
@@ -88,12 +47,12 @@ fn assignment(identity: &AzureIdentity, state: AssignedIdentityState) -> AzureAs
             azure_binding_ref: None,
             pod: "sql-client".into(),
             pod_namespace: "demo".into(),
-            nodename: NODE.into(),
+            nodename: NODE_NAME.into(),
             replicas: None,
         },
     );
     object.metadata.namespace = Some("default".into());
-    object.metadata.labels = Some([(NODENAME_LABEL.to_string(), NODE.to_string())].into());
+    object.metadata.labels = Some([(NODENAME_LABEL.to_string(), NODE_NAME.to_string())].into());
     object.status = Some(AzureAssignedIdentityStatus {
         available_replicas: 1,
         status: state.as_str().into(),
@@ -164,13 +123,19 @@ fn python_sdk_gets_its_pods_token_attributed_from_the_kernel_record() {
             ("dedicated".into(), "NoSchedule".into()),
         ],
     });
-    let (identity, binding) = seed_objects(&sql);
+    let (identity, binding) = identity_and_binding(
+        "demo",
+        "sqlpodidentity",
+        "sqlpodidentity-binding",
+        "sqlpodid",
+        &sql,
+    );
     let sql_container = container_id('5');
     let stranger_container = container_id('a');
     let api: &FakeApiServer = &harness.api;
     api.apply(&identity);
     api.apply(&binding);
-    api.apply(&pod(
+    api.apply(&running_pod(
         "demo",
         "sql-client",
         SQL_UID,
@@ -178,7 +143,7 @@ fn python_sdk_gets_its_pods_token_attributed_from_the_kernel_record() {
         "app",
         &sql_container,
     ));
-    api.apply(&pod(
+    api.apply(&running_pod(
         "demo",
         "stranger",
         STRANGER_UID,
@@ -196,7 +161,7 @@ fn python_sdk_gets_its_pods_token_attributed_from_the_kernel_record() {
         || {
             let taints: Vec<String> = harness
                 .api
-                .get::<Node>(None, NODE)?
+                .get::<Node>(None, NODE_NAME)?
                 .spec?
                 .taints
                 .unwrap_or_default()
@@ -306,11 +271,17 @@ fn standard_mode_answers_retry_until_the_controller_assigns_the_identity() {
         agent_args: ["--assignment-wait", "1s"].map(String::from).to_vec(),
         node_taints: Vec::new(),
     });
-    let (identity, binding) = seed_objects(&sql);
+    let (identity, binding) = identity_and_binding(
+        "demo",
+        "sqlpodidentity",
+        "sqlpodidentity-binding",
+        "sqlpodid",
+        &sql,
+    );
     let sql_container = container_id('7');
     harness.api.apply(&identity);
     harness.api.apply(&binding);
-    harness.api.apply(&pod(
+    harness.api.apply(&running_pod(
         "demo",
         "sql-client",
         SQL_UID,

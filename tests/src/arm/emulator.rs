@@ -2,18 +2,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{
-    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
@@ -233,22 +229,9 @@ impl ArmEmulator {
             base: format!("http://{addr}"),
         });
         let served = inner.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let inner = served.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let inner = inner.clone();
-                        async move { Ok::<_, Infallible>(handle(&inner, request).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = crate::http_server::serve(listener, move |request| {
+            let inner = served.clone();
+            async move { handle(&inner, request).await }
         });
         Ok(ArmEmulator { inner, addr, task })
     }
@@ -517,16 +500,13 @@ fn reply(status: u16, headers: Vec<(String, String)>, body: Value) -> Response<F
     response
 }
 
-async fn handle(inner: &Inner, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(inner: &Inner, request: Request<Bytes>) -> Response<Full<Bytes>> {
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or_default().to_string();
     let headers = request.headers().clone();
     let arrived = Instant::now();
-    let body = match request.into_body().collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
+    let body = request.into_body();
     let config = inner.config();
     let lower = path.to_ascii_lowercase();
 

@@ -6,8 +6,10 @@
 //! it, with kubelet-style pod cgroups.
 
 mod apiserver;
+mod fixtures;
 mod node;
 pub mod schema;
 
 pub use apiserver::{ApiCall, FakeApiServer};
-pub use node::{KubeNodeHarness, KubeNodeSpec, PodCgroupLayout, pod_cgroup_path};
+pub use fixtures::{identity_and_binding, running_pod};
+pub use node::{KubeNodeHarness, KubeNodeSpec, NODE_NAME, PodCgroupLayout, pod_cgroup_path};

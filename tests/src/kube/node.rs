@@ -27,7 +27,7 @@ use super::FakeApiServer;
 use crate::{
     IMDS,
     emulator::{Emulator, EmulatorConfig, EmulatorHandle},
-    harness::http_get,
+    harness::{http_get, rss_kib, token_leaks},
     privileged::{BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, workspace_binary},
 };
 
@@ -81,6 +81,10 @@ pub struct KubeNodeSpec {
 }
 
 /// A running box.
+///
+/// When it is dropped without a panic in flight, it checks that none of the
+/// tokens the emulator issued appears in the agent's stdout or stderr, its
+/// audit file or `/metrics` (see [`token_leaks`]).
 pub struct KubeNodeHarness {
     agent: Option<ChildGuard>,
     /// The emulator, for call counts and tokens.
@@ -193,8 +197,16 @@ impl KubeNodeHarness {
     /// is attached and every watch has listed). Panics with the agent's
     /// output if it does not within 30 s.
     pub fn start_agent(&mut self) {
-        let stdout = fs::File::create(self.dir.join("agent.stdout")).expect("agent stdout file");
-        let stderr = fs::File::create(self.dir.join("agent.stderr")).expect("agent stderr file");
+        // Appended, so a restarted agent's output follows the first one's.
+        let open = |name: &str| {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(name))
+                .expect("agent output file")
+        };
+        let stdout = open("agent.stdout");
+        let stderr = open("agent.stderr");
         let mut cmd = self.agent_command();
         in_cgroup(&mut cmd, &self.cgroups.path().join("agent"))
             .stdout(Stdio::from(stdout))
@@ -221,6 +233,59 @@ impl KubeNodeHarness {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.agent = Some(child);
+    }
+
+    /// SIGKILLs the agent (the pinned redirect stays).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// The agent's PID, if running.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(ChildGuard::id)
+    }
+
+    /// The agent's resident set size in KiB, if it is running.
+    pub fn agent_rss_kib(&self) -> Option<u64> {
+        rss_kib(self.agent_pid()?)
+    }
+
+    /// `/metrics` text (empty if the agent does not answer).
+    pub fn metrics(&self) -> String {
+        http_get(METRICS_ADDR, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// Tokens the emulator issued that appear in the agent's stdout, stderr,
+    /// audit files or `/metrics` (read now, if the agent runs).
+    pub fn secrets_leaks(&self) -> Vec<String> {
+        let metrics = if self.agent.is_some() {
+            self.metrics()
+        } else {
+            String::new()
+        };
+        let mut audit = String::new();
+        for n in 0..=16 {
+            let path = if n == 0 {
+                self.audit_path()
+            } else {
+                PathBuf::from(format!("{}.{n}", self.audit_path().display()))
+            };
+            audit.push_str(&fs::read_to_string(&path).unwrap_or_default());
+        }
+        let (stdout, stderr) = (self.agent_stdout(), self.agent_stderr());
+        token_leaks(
+            &self.emulator.issued_tokens(),
+            &[
+                ("agent stdout", &stdout),
+                ("agent stderr", &stderr),
+                ("audit log", &audit),
+                ("/metrics", &metrics),
+            ],
+        )
     }
 
     /// Creates the container cgroup of (`uid`, `container_id`) laid out as
@@ -280,9 +345,12 @@ impl KubeNodeHarness {
 
 impl Drop for KubeNodeHarness {
     fn drop(&mut self) {
-        if let Some(mut agent) = self.agent.take() {
-            agent.kill();
-        }
+        let leaks = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.secrets_leaks()
+        };
+        self.kill_agent();
         if std::thread::panicking() {
             eprintln!(
                 "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
@@ -291,5 +359,10 @@ impl Drop for KubeNodeHarness {
             );
         }
         let _ = fs::remove_dir_all(&self.dir);
+        assert!(
+            leaks.is_empty(),
+            "secrets hygiene: tokens the emulator issued leaked:\n{}",
+            leaks.join("\n")
+        );
     }
 }
