@@ -22,8 +22,10 @@ use podid_agent::audit::AuditRecord;
 
 use crate::{
     IMDS,
-    emulator::{Emulator, EmulatorConfig, EmulatorHandle},
-    privileged::{BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, workspace_binary},
+    emulator::{Emulator, EmulatorConfig, EmulatorHandle, IssuedRecord},
+    privileged::{
+        BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, run_ok, workspace_binary,
+    },
 };
 
 /// Where the agent listens inside the harness.
@@ -48,7 +50,46 @@ pub struct HarnessSpec {
     pub agent_args: Vec<String>,
 }
 
+/// Less common ways to set the box up ([`AgentHarness::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct HarnessOptions {
+    /// Create the kernel record maps with this capacity: the redirect is
+    /// installed by `podid-agent redirect install --record-capacity N`
+    /// before the agent starts, and the agent reuses the pinned maps.
+    pub record_capacity: Option<u32>,
+    /// Directory for the audit log instead of the scratch directory (a
+    /// small tmpfs or a read-only mount, for the disk-fault tests).
+    pub audit_dir: Option<PathBuf>,
+    /// Start the agent with this soft `RLIMIT_NOFILE` (the hard limit is
+    /// kept), as a service manager's default of 1024 would.
+    pub nofile_soft_limit: Option<u64>,
+    /// The agent's log filter (`PODID_LOG`), `info` when `None`.
+    pub log_filter: Option<String>,
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit; returns
+/// the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: valid pointer to an initialised rlimit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    limit.rlim_cur
+}
+
 /// A running harness.
+///
+/// When it is dropped without a panic in flight, it checks that none of the
+/// tokens the emulator issued appears in the agent's stdout or stderr, its
+/// audit file or `/metrics` (see [`token_leaks`]): every end-to-end test is
+/// also a secrets-hygiene test.
 pub struct AgentHarness {
     agent: Option<ChildGuard>,
     /// The emulator, for fault injection and call counts.
@@ -58,6 +99,7 @@ pub struct AgentHarness {
     cgroups: CgroupGuard,
     dir: PathBuf,
     spec: HarnessSpec,
+    options: HarnessOptions,
     _netns: NetNsGuard,
 }
 
@@ -91,10 +133,69 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Where tokens issued by the emulator appear in `sources` ((name, text)
+/// pairs), if anywhere: the whole token, its payload or signature segment,
+/// or the first 16 characters of its (random) signature. Returns one line
+/// per leak, naming the source and the token's client id and audience.
+///
+/// The scan splits each text into runs of base64url characters and dots and
+/// looks every run and every dot-separated piece up in hash sets, so it is
+/// linear in the size of the texts whatever the number of tokens.
+pub fn token_leaks(tokens: &[IssuedRecord], sources: &[(&str, &str)]) -> Vec<String> {
+    use std::collections::HashMap;
+    const PREFIX: usize = 16;
+    let mut whole: HashMap<&str, &IssuedRecord> = HashMap::new();
+    let mut pieces: HashMap<&str, &IssuedRecord> = HashMap::new();
+    let mut prefixes: HashMap<&str, &IssuedRecord> = HashMap::new();
+    for token in tokens {
+        whole.insert(token.access_token.as_str(), token);
+        let parts: Vec<&str> = token.access_token.split('.').collect();
+        // The header segment is the same for every token: not distinctive.
+        for part in parts.iter().skip(1) {
+            if part.len() >= PREFIX {
+                pieces.insert(part, token);
+            }
+        }
+        if let Some(signature) = parts.get(2).filter(|s| s.len() >= PREFIX) {
+            prefixes.insert(&signature[..PREFIX], token);
+        }
+    }
+    let mut leaks = Vec::new();
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    for (name, text) in sources {
+        for run in text.split(|c: char| !is_token_char(c)) {
+            if run.len() < PREFIX {
+                continue;
+            }
+            let found = whole.get(run).or_else(|| {
+                run.split('.').find_map(|piece| {
+                    pieces
+                        .get(piece)
+                        .or_else(|| piece.get(..PREFIX).and_then(|prefix| prefixes.get(prefix)))
+                })
+            });
+            if let Some(token) = found {
+                leaks.push(format!(
+                    "{name}: a token issued to {} for {} appears in {:?}",
+                    token.client_id,
+                    token.resource,
+                    run.chars().take(40).collect::<String>()
+                ));
+            }
+        }
+    }
+    leaks
+}
+
 impl AgentHarness {
     /// Builds the box and starts the emulator and the agent; returns once the
     /// agent reports ready. Panics with the agent's output if it does not.
     pub fn start(spec: HarnessSpec) -> Self {
+        Self::start_with(spec, HarnessOptions::default())
+    }
+
+    /// [`AgentHarness::start`] with [`HarnessOptions`].
+    pub fn start_with(spec: HarnessSpec, options: HarnessOptions) -> Self {
         let netns = NetNsGuard::new();
         netns.add_loopback_address("169.254.169.254/32");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -129,10 +230,30 @@ impl AgentHarness {
             cgroups,
             dir,
             spec,
+            options,
             _netns: netns,
         };
+        if let Some(capacity) = harness.options.record_capacity {
+            harness.preinstall_redirect(capacity);
+        }
         harness.start_agent();
         harness
+    }
+
+    /// Installs the redirect with record maps of `capacity` entries, as a
+    /// separate loader would; the agent then finds and reuses the pins.
+    fn preinstall_redirect(&self, capacity: u32) {
+        run_ok(
+            Command::new(workspace_binary("podid-agent"))
+                .args(["redirect", "install", "--listen", AGENT_ADDR])
+                .arg("--cgroup-root")
+                .arg(self.cgroups.path())
+                .arg("--bpffs-dir")
+                .arg(self.bpffs.pin_root())
+                .arg("--record-capacity")
+                .arg(capacity.to_string())
+                .env("PODID_LOG", "warn"),
+        );
     }
 
     /// The agent's command line.
@@ -153,7 +274,10 @@ impl AgentHarness {
             .arg(self.dir.join("secrets"))
             .args(&self.spec.agent_args)
             .env_remove("NODE_IP")
-            .env("PODID_LOG", "info");
+            .env(
+                "PODID_LOG",
+                self.options.log_filter.as_deref().unwrap_or("info"),
+            );
         cmd
     }
 
@@ -173,6 +297,25 @@ impl AgentHarness {
         in_cgroup(&mut cmd, &self.cgroup("agent"))
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
+        if let Some(soft) = self.options.nofile_soft_limit {
+            // SAFETY: getrlimit/setrlimit are async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
         let mut child = ChildGuard::new(cmd.spawn().expect("spawn podid-agent"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -208,6 +351,33 @@ impl AgentHarness {
         self.agent.as_ref().map(ChildGuard::id)
     }
 
+    /// Stops the agent with SIGSTOP (it accepts nothing until resumed).
+    pub fn pause_agent(&self) {
+        self.signal_agent(libc::SIGSTOP);
+    }
+
+    /// Resumes an agent stopped by [`AgentHarness::pause_agent`].
+    pub fn resume_agent(&self) {
+        self.signal_agent(libc::SIGCONT);
+    }
+
+    fn signal_agent(&self, signal: libc::c_int) {
+        let pid = self.agent_pid().expect("the agent is running") as libc::pid_t;
+        // SAFETY: a signal to our own child, by PID.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The agent's resident set size in KiB (VmRSS), if it is running.
+    pub fn agent_rss_kib(&self) -> Option<u64> {
+        rss_kib(self.agent_pid()?)
+    }
+
     /// The cgroup directory of `relative` (as given in the spec).
     pub fn cgroup(&self, relative: &str) -> PathBuf {
         self.cgroups.path().join(relative)
@@ -225,7 +395,11 @@ impl AgentHarness {
 
     /// The audit log file.
     pub fn audit_path(&self) -> PathBuf {
-        self.dir.join("audit.log")
+        self.options
+            .audit_dir
+            .as_deref()
+            .unwrap_or(&self.dir)
+            .join("audit.log")
     }
 
     /// The workloads file (tests may rewrite it).
@@ -277,10 +451,60 @@ impl AgentHarness {
     pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
         self.runtime.block_on(future)
     }
+
+    /// Checks that no token the emulator issued appears in the agent's
+    /// stdout, stderr, audit files (rotated ones too) or `/metrics` (read
+    /// now, if the agent runs). Returns the leaks found.
+    pub fn secrets_leaks(&self) -> Vec<String> {
+        let metrics = if self.agent.is_some() {
+            self.metrics()
+        } else {
+            String::new()
+        };
+        let tokens = self.emulator.issued_tokens();
+        let mut audit = String::new();
+        let audit_path = self.audit_path();
+        for n in 0..=16 {
+            let path = if n == 0 {
+                audit_path.clone()
+            } else {
+                PathBuf::from(format!("{}.{n}", audit_path.display()))
+            };
+            audit.push_str(&fs::read_to_string(&path).unwrap_or_default());
+        }
+        let stdout = self.agent_stdout();
+        let stderr = self.agent_stderr();
+        token_leaks(
+            &tokens,
+            &[
+                ("agent stdout", &stdout),
+                ("agent stderr", &stderr),
+                ("audit log", &audit),
+                ("/metrics", &metrics),
+            ],
+        )
+    }
+}
+
+/// VmRSS of process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Drop for AgentHarness {
     fn drop(&mut self) {
+        let leaks = if std::thread::panicking() {
+            Vec::new()
+        } else {
+            self.secrets_leaks()
+        };
         self.kill_agent();
         if std::thread::panicking() {
             eprintln!(
@@ -290,6 +514,11 @@ impl Drop for AgentHarness {
             );
         }
         let _ = fs::remove_dir_all(&self.dir);
+        assert!(
+            leaks.is_empty(),
+            "secrets hygiene: tokens the emulator issued leaked:\n{}",
+            leaks.join("\n")
+        );
     }
 }
 

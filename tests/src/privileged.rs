@@ -292,6 +292,108 @@ impl Drop for BpffsGuard {
     }
 }
 
+/// A filesystem mounted by the test (a small tmpfs, or a bind mount of one
+/// of the test's own directories), unmounted on drop.
+pub struct MountGuard {
+    path: PathBuf,
+    created: bool,
+}
+
+fn mount_raw(
+    source: &str,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = CString::new(source).expect("no NUL");
+    let target = cstring(target);
+    let fstype = fstype.map(|f| CString::new(f).expect("no NUL"));
+    let data = data.map(|d| CString::new(d).expect("no NUL"));
+    // SAFETY: valid NUL-terminated strings (or null where allowed).
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl MountGuard {
+    /// Mounts a tmpfs of `size_bytes` on a new temporary directory.
+    pub fn tmpfs(label: &str, size_bytes: u64) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "podid-tmpfs-{}-{}-{label}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&path).expect("mkdir tmpfs dir");
+        let guard = Self {
+            path,
+            created: true,
+        };
+        mount_raw(
+            "tmpfs",
+            &guard.path,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(&format!("size={size_bytes},mode=0755")),
+        )
+        .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", guard.path.display()));
+        guard
+    }
+
+    /// Bind-mounts `source` on `target` (both directories the test owns),
+    /// read-only if asked.
+    pub fn bind(source: &Path, target: &Path, read_only: bool) -> Self {
+        mount_raw(&source.to_string_lossy(), target, None, libc::MS_BIND, None)
+            .unwrap_or_else(|e| panic!("bind {} on {}: {e}", source.display(), target.display()));
+        let guard = Self {
+            path: target.to_path_buf(),
+            created: false,
+        };
+        if read_only {
+            guard.set_read_only(true);
+        }
+        guard
+    }
+
+    /// Remounts a bind mount read-only or read-write.
+    pub fn set_read_only(&self, read_only: bool) {
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND;
+        if read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        mount_raw("none", &self.path, None, flags, None)
+            .unwrap_or_else(|e| panic!("remount {} (ro={read_only}): {e}", self.path.display()));
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let target = cstring(&self.path);
+        // SAFETY: valid path; MNT_DETACH never blocks.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        if self.created {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
 /// A child process this test started; killed (by its own PID) and reaped on drop.
 pub struct ChildGuard {
     child: Option<Child>,

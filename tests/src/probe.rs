@@ -2,7 +2,7 @@
 
 use std::{
     net::SocketAddrV4,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -30,6 +30,32 @@ pub struct ProbeSpec {
     pub raw: Option<String>,
     /// Connections opened at once, each doing the same (1 if 0).
     pub concurrency: usize,
+    /// Use an `IPPROTO_MPTCP` socket.
+    pub mptcp: bool,
+    /// Connect with `sendto(MSG_FASTOPEN)` carrying the request.
+    pub fastopen: bool,
+    /// Set `SO_REUSEADDR` and `SO_REUSEPORT` before binding.
+    pub reuse: bool,
+    /// Set `IP_FREEBIND` before binding (any source address).
+    pub freebind: bool,
+    /// After connecting, move the process to this cgroup directory.
+    pub move_to: Option<PathBuf>,
+    /// After connecting (and moving), create this file.
+    pub ready_file: Option<PathBuf>,
+    /// After connecting, wait (at most 20 s) for this file before the request.
+    pub wait_file: Option<PathBuf>,
+    /// Pass the connected socket (SCM_RIGHTS) to a probe in this cgroup,
+    /// which sends the request; its report is the `handoff` field.
+    pub handoff: Option<PathBuf>,
+    /// Fork after connecting; the child moves to this cgroup and sends the
+    /// request (its report is the output).
+    pub fork_to: Option<PathBuf>,
+    /// Repeat connect + request for this long and report a summary.
+    pub repeat: Duration,
+    /// Pause between repetitions.
+    pub interval: Duration,
+    /// Connect timeout (the probe's default is 2 s).
+    pub connect_timeout: Option<Duration>,
 }
 
 impl ProbeSpec {
@@ -67,6 +93,37 @@ impl ProbeSpec {
         }
         if !self.hold.is_zero() {
             cmd.arg("--hold-ms").arg(self.hold.as_millis().to_string());
+        }
+        for (set, flag) in [
+            (self.mptcp, "--mptcp"),
+            (self.fastopen, "--fastopen"),
+            (self.reuse, "--reuse"),
+            (self.freebind, "--freebind"),
+        ] {
+            if set {
+                cmd.arg(flag);
+            }
+        }
+        for (path, flag) in [
+            (&self.move_to, "--move-to"),
+            (&self.ready_file, "--ready-file"),
+            (&self.wait_file, "--wait-file"),
+            (&self.handoff, "--handoff"),
+            (&self.fork_to, "--fork-to"),
+        ] {
+            if let Some(path) = path {
+                cmd.arg(flag).arg(path);
+            }
+        }
+        if let Some(timeout) = self.connect_timeout {
+            cmd.arg("--connect-timeout-ms")
+                .arg(timeout.as_millis().to_string());
+        }
+        if !self.repeat.is_zero() {
+            cmd.arg("--repeat-ms")
+                .arg(self.repeat.as_millis().to_string());
+            cmd.arg("--interval-ms")
+                .arg(self.interval.as_millis().to_string());
         }
         cmd
     }
