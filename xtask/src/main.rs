@@ -7,12 +7,14 @@
 //! - `test`: lint, drift checks, unit tests, then privileged integration tests
 //!   one at a time. This is what CI runs.
 //! - `demo`: the whole data path on this machine, in a private network namespace.
-//! - `bench`: benchmarks (`redirect`, `token`, `controller`).
+//! - `bench`: benchmarks (`redirect`, `token`, `connections`, `soak`, `controller`).
+//! - `fuzz`: the cargo-fuzz targets, each for a bounded time.
 //! - `codegen`: regenerate the committed generated files.
 
 // Shared with podid-agent's build script, which uses the parts xtask does not.
 #[allow(dead_code)]
 mod ebpf_build;
+mod fuzz;
 mod setup;
 mod tasks;
 
@@ -69,6 +71,8 @@ enum Command {
     },
     /// Show a workload getting its token through the redirect, locally.
     Demo,
+    /// Run the fuzz targets (`fuzz/`), each for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         Command::Codegen => tasks::codegen(),
         Command::Bench { which } => tasks::bench(&which),
         Command::Demo => tasks::demo(),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

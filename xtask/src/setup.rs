@@ -7,7 +7,8 @@
 //! - system tools the tests use: bpftool, iproute2, iptables/nftables (the
 //!   DNAT comparison benchmark);
 //! - Python tools (`tests/python-requirements.txt`) in `target/venv`, and the
-//!   npm `@azure/identity` client in `target/node`.
+//!   npm `@azure/identity` client in `target/node`;
+//! - fuzzing: cargo-fuzz, and a C++ compiler for libFuzzer.
 
 use std::{
     fs,
@@ -56,6 +57,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_python_tools()?;
     ensure_node_tools()?;
+    ensure_fuzz_tools()?;
     Ok(())
 }
 
@@ -304,5 +306,34 @@ fn ensure_node_tools() -> anyhow::Result<()> {
             .arg(&prefix)
             .arg(NPM_AZURE_IDENTITY),
         "npm install",
+    )
+}
+
+/// cargo-fuzz (from crates.io) and the C++ compiler libfuzzer-sys builds
+/// libFuzzer with. Any toolchain does: `cargo xtask fuzz` uses rustup's
+/// nightly when there is one, else this one with `RUSTC_BOOTSTRAP=1`.
+fn ensure_fuzz_tools() -> anyhow::Result<()> {
+    if !on_path("c++") && !on_path("g++") {
+        if has_apt() {
+            apt_install(&["g++"])?;
+        } else {
+            bail!("a C++ compiler (g++) is missing: libFuzzer needs one");
+        }
+    }
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|home| home.join("bin/cargo-fuzz"));
+    if on_path("cargo-fuzz") || cargo_bin.is_some_and(|p| p.is_file()) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz");
+    run_quiet(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+        ]),
+        "cargo install cargo-fuzz",
     )
 }

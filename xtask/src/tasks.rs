@@ -47,6 +47,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// 10,000 connections through the redirect held open at once by the agent.
+    Connections {
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 10_000)]
+        count: u32,
+    },
+    /// A steady request rate through the redirect; the agent's RSS over time.
+    Soak {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+    },
     /// Controller: burst to Assigned, and desired-state computation.
     Controller {
         /// Extra arguments for podid-bench-controller.
@@ -179,6 +194,7 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
         "test-support unit tests",
     )?;
     manifests_check(false)?;
+    crate::fuzz::smoke()?;
     if !args.unit_only {
         if !is_root() {
             bail!("the privileged integration tests need root (use --unit-only to skip them)");
@@ -215,6 +231,18 @@ fn bench_binary(name: &str, args: &[String]) -> anyhow::Result<()> {
     )
 }
 
+/// A benchmark that runs the release agent in a box of its own.
+fn agent_bench(name: &str, args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the {name} benchmark needs root");
+    }
+    run(
+        cargo().args(["build", "--release", "--bins"]),
+        "cargo build --release",
+    )?;
+    bench_binary("podid-bench", args)
+}
+
 pub fn bench(which: &Bench) -> anyhow::Result<()> {
     setup::run()?;
     match which {
@@ -235,19 +263,24 @@ pub fn bench(which: &Bench) -> anyhow::Result<()> {
             }
             bench_binary("podid-bench", &args)
         }
-        Bench::Token { seconds } => {
-            if !is_root() {
-                bail!("the token benchmark needs root");
-            }
-            run(
-                cargo().args(["build", "--release", "--bins"]),
-                "cargo build --release",
-            )?;
-            bench_binary(
-                "podid-bench",
-                &["token".into(), "--seconds".into(), seconds.to_string()],
-            )
-        }
+        Bench::Token { seconds } => agent_bench(
+            "token",
+            &["token".into(), "--seconds".into(), seconds.to_string()],
+        ),
+        Bench::Connections { count } => agent_bench(
+            "connections",
+            &["connections".into(), "--count".into(), count.to_string()],
+        ),
+        Bench::Soak { minutes, rate } => agent_bench(
+            "soak",
+            &[
+                "soak".into(),
+                "--minutes".into(),
+                minutes.to_string(),
+                "--rate".into(),
+                rate.to_string(),
+            ],
+        ),
         Bench::Controller { args } => bench_binary("podid-bench-controller", args),
     }
 }
