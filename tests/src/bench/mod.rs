@@ -1,6 +1,43 @@
-//! The benchmarks' shared pieces (summary statistics) and the token benchmark.
+//! The benchmarks' shared pieces (summary statistics), the token benchmark
+//! and the load figures (connections, soak).
 
+pub mod load;
 pub mod token;
+
+use crate::{
+    emulator::{EmulatorConfig, ManagedIdentity},
+    harness::{AgentHarness, HarnessSpec},
+};
+
+/// The box every agent benchmark runs in: one workload cgroup `bench`,
+/// bound to `identity`, and the agent started with `agent_args`.
+pub fn bench_harness(identity: &ManagedIdentity, agent_args: &[String]) -> AgentHarness {
+    AgentHarness::start(HarnessSpec {
+        workloads_yaml: format!(
+            r#"
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: {{name: bench}}
+spec: {{type: 0, clientID: {}, resourceID: {}}}
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: {{name: bench}}
+spec: {{azureIdentity: bench, selector: bench}}
+---
+apiVersion: podid.dev/v1alpha1
+kind: LocalWorkload
+metadata: {{name: bench, labels: {{aadpodidbinding: bench}}}}
+spec: {{cgroup: bench}}
+"#,
+            identity.client_id, identity.resource_id
+        ),
+        cgroups: vec!["bench".into()],
+        emulator: EmulatorConfig::default().with_user_assigned(identity.clone()),
+        secrets: Vec::new(),
+        agent_args: agent_args.to_vec(),
+    })
+}
 
 /// The median of `samples` (0 for none).
 pub fn median(samples: &[f64]) -> f64 {

@@ -24,12 +24,7 @@ use tokio::{
 };
 
 use super::Stats;
-use crate::{
-    IMDS,
-    emulator::{EmulatorConfig, ManagedIdentity},
-    harness::{AgentHarness, HarnessSpec},
-    privileged::ProcessCgroupGuard,
-};
+use crate::{IMDS, emulator::ManagedIdentity, privileged::ProcessCgroupGuard};
 
 const RESOURCE: &str = "https://vault.azure.net";
 const CONCURRENCY: usize = 32;
@@ -225,34 +220,11 @@ fn print_row(name: &str, run: &Run) {
 /// Runs the benchmark; each measurement lasts `seconds`.
 pub fn run(seconds: Duration) -> anyhow::Result<()> {
     let identity = ManagedIdentity::user_assigned("bench");
-    let harness = AgentHarness::start(HarnessSpec {
-        workloads_yaml: format!(
-            r#"
-apiVersion: aadpodidentity.k8s.io/v1
-kind: AzureIdentity
-metadata: {{name: bench}}
-spec: {{type: 0, clientID: {}, resourceID: {}}}
----
-apiVersion: aadpodidentity.k8s.io/v1
-kind: AzureIdentityBinding
-metadata: {{name: bench}}
-spec: {{azureIdentity: bench, selector: bench}}
----
-apiVersion: podid.dev/v1alpha1
-kind: LocalWorkload
-metadata: {{name: bench, labels: {{aadpodidbinding: bench}}}}
-spec: {{cgroup: bench}}
-"#,
-            identity.client_id, identity.resource_id
-        ),
-        cgroups: vec!["bench".into()],
-        emulator: EmulatorConfig::default().with_user_assigned(identity),
-        secrets: Vec::new(),
-        // PODID_BENCH_AGENT_ARGS adds agent flags, to compare configurations.
-        agent_args: std::env::var("PODID_BENCH_AGENT_ARGS")
-            .map(|a| a.split_whitespace().map(String::from).collect())
-            .unwrap_or_default(),
-    });
+    // PODID_BENCH_AGENT_ARGS adds agent flags, to compare configurations.
+    let agent_args: Vec<String> = std::env::var("PODID_BENCH_AGENT_ARGS")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    let harness = super::bench_harness(&identity, &agent_args);
     let path =
         format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}");
     // The client (this process) runs in the workload's cgroup, so its

@@ -49,8 +49,17 @@ fn main() -> anyhow::Result<()> {
         Some("token") => {
             podid_tests::bench::token::run(Duration::from_secs(value("--seconds", 10)))
         }
+        Some("connections") => {
+            podid_tests::bench::load::connections(value("--count", 10_000) as usize)
+        }
+        Some("soak") => podid_tests::bench::load::soak(
+            Duration::from_secs(value("--minutes", 10) * 60 + value("--seconds", 0)),
+            value("--rate", 200),
+            Duration::from_secs(value("--sample-seconds", 5).max(1)),
+        ),
         _ => anyhow::bail!(
-            "usage: podid-bench redirect [--connections N] [--program-stats] | token [--seconds N]"
+            "usage: podid-bench redirect [--connections N] [--program-stats] | token [--seconds N]\n\
+             \x20      | connections [--count N] | soak [--minutes N] [--seconds N] [--rate R] [--sample-seconds N]"
         ),
     }
 }
