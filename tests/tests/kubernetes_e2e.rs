@@ -17,7 +17,7 @@ use k8s_openapi::api::{core::v1::Node, events::v1::Event as K8sEvent};
 use podid_agent::audit::{AuditRecord, Outcome};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentitySpec,
-    AzureAssignedIdentityStatus, AzureIdentity, NODENAME_LABEL,
+    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, NODENAME_LABEL,
 };
 use podid_tests::{
     emulator::{EmulatorConfig, ManagedIdentity, token_claims},
@@ -36,6 +36,17 @@ const STRANGER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
 fn container_id(seed: char) -> String {
     std::iter::repeat_n(seed, 64).collect()
+}
+
+/// The seed's identity and binding (`selector: sqlpodid`) for `sql`.
+fn seed_objects(sql: &ManagedIdentity) -> (AzureIdentity, AzureIdentityBinding) {
+    identity_and_binding(
+        "demo",
+        "sqlpodidentity",
+        "sqlpodidentity-binding",
+        "sqlpodid",
+        sql,
+    )
 }
 
 /// The controller's assignment of `identity` to the pod `demo/sql-client`.
@@ -123,13 +134,7 @@ fn python_sdk_gets_its_pods_token_attributed_from_the_kernel_record() {
             ("dedicated".into(), "NoSchedule".into()),
         ],
     });
-    let (identity, binding) = identity_and_binding(
-        "demo",
-        "sqlpodidentity",
-        "sqlpodidentity-binding",
-        "sqlpodid",
-        &sql,
-    );
+    let (identity, binding) = seed_objects(&sql);
     let sql_container = container_id('5');
     let stranger_container = container_id('a');
     let api: &FakeApiServer = &harness.api;
@@ -271,13 +276,7 @@ fn standard_mode_answers_retry_until_the_controller_assigns_the_identity() {
         agent_args: ["--assignment-wait", "1s"].map(String::from).to_vec(),
         node_taints: Vec::new(),
     });
-    let (identity, binding) = identity_and_binding(
-        "demo",
-        "sqlpodidentity",
-        "sqlpodidentity-binding",
-        "sqlpodid",
-        &sql,
-    );
+    let (identity, binding) = seed_objects(&sql);
     let sql_container = container_id('7');
     harness.api.apply(&identity);
     harness.api.apply(&binding);

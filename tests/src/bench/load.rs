@@ -127,13 +127,8 @@ pub fn connections(count: usize) -> anyhow::Result<()> {
         let _ = stream.read_to_end(&mut response);
         let (status, token) = parse(&response);
         *statuses.entry(status).or_default() += 1;
-        if let Some(token) = token {
-            let appid = token_claims(&token)
-                .and_then(|c| c["appid"].as_str().map(str::to_string))
-                .unwrap_or_default();
-            if appid != identity.client_id {
-                wrong += 1;
-            }
+        if token.is_some_and(|token| appid_of(&token) != identity.client_id) {
+            wrong += 1;
         }
     }
     let answer_time = answered.elapsed();
@@ -194,13 +189,8 @@ fn one_request(n: u64, own: &str, counters: &Counters) {
                 let _ = stream.read_to_end(&mut response);
             }
             let (status, token) = parse(&response);
-            if let Some(token) = token {
-                let appid = token_claims(&token)
-                    .and_then(|c| c["appid"].as_str().map(str::to_string))
-                    .unwrap_or_default();
-                if appid != own {
-                    counters.wrong.fetch_add(1, Ordering::Relaxed);
-                }
+            if token.is_some_and(|token| appid_of(&token) != own) {
+                counters.wrong.fetch_add(1, Ordering::Relaxed);
             }
             status
         }
@@ -318,4 +308,11 @@ pub fn soak(duration: Duration, rate: u64, sample: Duration) -> anyhow::Result<(
     drop(harness);
     anyhow::ensure!(wrong == 0, "{wrong} wrong-identity tokens");
     Ok(())
+}
+
+/// The client id (`appid`) a token was issued to, empty if it has none.
+fn appid_of(token: &str) -> String {
+    token_claims(token)
+        .and_then(|c| c["appid"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }

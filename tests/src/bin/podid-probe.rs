@@ -297,8 +297,9 @@ fn run(args: &Args) -> Value {
     out
 }
 
-/// Sends `fd` over the Unix socket `via` with SCM_RIGHTS.
-fn send_fd(via: RawFd, fd: RawFd) -> std::io::Result<()> {
+/// Runs `f` with a `msghdr` for one byte of data and room for one
+/// descriptor of control data (SCM_RIGHTS), valid for the call.
+fn with_one_fd_msghdr<T>(f: impl FnOnce(&mut libc::msghdr) -> T) -> T {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -313,57 +314,50 @@ fn send_fd(via: RawFd, fd: RawFd) -> std::io::Result<()> {
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: the control buffer is CMSG_SPACE(sizeof(int)) bytes, so the
-    // first header and its data fit.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-    }
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let rc = unsafe { libc::sendmsg(via, &msg, 0) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    f(&mut msg)
+}
+
+/// Sends `fd` over the Unix socket `via` with SCM_RIGHTS.
+fn send_fd(via: RawFd, fd: RawFd) -> std::io::Result<()> {
+    with_one_fd_msghdr(|msg| {
+        // SAFETY: the control buffer is CMSG_SPACE(sizeof(int)) bytes, so
+        // the first header and its data fit.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+        // SAFETY: msg points at live buffers for the duration of the call.
+        if unsafe { libc::sendmsg(via, msg, 0) } < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// Receives one fd over the Unix socket `via` (SCM_RIGHTS).
 fn receive_fd(via: RawFd) -> std::io::Result<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: plain data.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let rc = unsafe { libc::recvmsg(via, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel filled msg; CMSG_FIRSTHDR checks the length.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(std::io::Error::other("no SCM_RIGHTS message"));
+    with_one_fd_msghdr(|msg| {
+        // SAFETY: msg points at live buffers for the duration of the call.
+        if unsafe { libc::recvmsg(via, msg, libc::MSG_CMSG_CLOEXEC) } < 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+        // SAFETY: the kernel filled msg; CMSG_FIRSTHDR checks the length.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
+            if cmsg.is_null()
+                || (*cmsg).cmsg_level != libc::SOL_SOCKET
+                || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+            {
+                return Err(std::io::Error::other("no SCM_RIGHTS message"));
+            }
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+            Ok(OwnedFd::from_raw_fd(fd))
+        }
+    })
 }
 
 /// Starts a receiving probe in `cgroup`, passes it the connected socket and
