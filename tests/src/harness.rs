@@ -22,6 +22,7 @@ use podid_agent::audit::AuditRecord;
 
 use crate::{
     IMDS,
+    agent_files::{AgentFiles, assert_no_leaks, scrape_metrics, scratch_dir},
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, IssuedRecord},
     privileged::{
         BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, run_ok, workspace_binary,
@@ -101,19 +102,6 @@ pub struct AgentHarness {
     spec: HarnessSpec,
     options: HarnessOptions,
     _netns: NetNsGuard,
-}
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "podid-harness-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    fs::create_dir_all(&dir).expect("create harness dir");
-    dir
 }
 
 /// GETs `path` from `addr` (plain HTTP/1.1) and returns (status, body).
@@ -214,7 +202,7 @@ impl AgentHarness {
         for cgroup in &spec.cgroups {
             cgroups.child(cgroup);
         }
-        let dir = temp_dir();
+        let dir = scratch_dir("harness");
         fs::write(dir.join("workloads.yaml"), &spec.workloads_yaml).expect("write workloads");
         for (path, content) in &spec.secrets {
             let path = dir.join("secrets").join(path);
@@ -283,16 +271,7 @@ impl AgentHarness {
 
     /// Starts (or restarts) the agent and waits for readiness.
     pub fn start_agent(&mut self) {
-        let stdout = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.stdout"))
-            .expect("agent stdout file");
-        let stderr = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.stderr"))
-            .expect("agent stderr file");
+        let (stdout, stderr) = self.files().open_outputs();
         let mut cmd = self.agent_command();
         in_cgroup(&mut cmd, &self.cgroup("agent"))
             .stdout(Stdio::from(stdout))
@@ -414,37 +393,23 @@ impl AgentHarness {
 
     /// Everything the agent printed on stdout so far.
     pub fn agent_stdout(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.stdout")).unwrap_or_default()
+        self.files().stdout()
     }
 
     /// Everything the agent printed on stderr so far.
     pub fn agent_stderr(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.stderr")).unwrap_or_default()
+        self.files().stderr()
     }
 
     /// Audit records in the file, waiting (bounded) until at least `at_least`
     /// are there: the writer thread appends asynchronously.
     pub fn audit_records(&self, at_least: usize) -> Vec<AuditRecord> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let records: Vec<AuditRecord> = fs::read_to_string(self.audit_path())
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).expect("audit lines are records"))
-                .collect();
-            if records.len() >= at_least || Instant::now() >= deadline {
-                return records;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.files().audit_records(at_least)
     }
 
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
-        http_get(METRICS_ADDR, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
+        scrape_metrics()
     }
 
     /// Runs an async block on the harness's runtime (for the emulator's API).
@@ -461,28 +426,12 @@ impl AgentHarness {
         } else {
             String::new()
         };
-        let tokens = self.emulator.issued_tokens();
-        let mut audit = String::new();
-        let audit_path = self.audit_path();
-        for n in 0..=16 {
-            let path = if n == 0 {
-                audit_path.clone()
-            } else {
-                PathBuf::from(format!("{}.{n}", audit_path.display()))
-            };
-            audit.push_str(&fs::read_to_string(&path).unwrap_or_default());
-        }
-        let stdout = self.agent_stdout();
-        let stderr = self.agent_stderr();
-        token_leaks(
-            &tokens,
-            &[
-                ("agent stdout", &stdout),
-                ("agent stderr", &stderr),
-                ("audit log", &audit),
-                ("/metrics", &metrics),
-            ],
-        )
+        self.files().leaks(&self.emulator.issued_tokens(), &metrics)
+    }
+
+    /// The agent's output files.
+    fn files(&self) -> AgentFiles<'_> {
+        AgentFiles::new(&self.dir, self.audit_path())
     }
 }
 
@@ -507,18 +456,10 @@ impl Drop for AgentHarness {
         };
         self.kill_agent();
         if std::thread::panicking() {
-            eprintln!(
-                "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
-                self.agent_stdout(),
-                self.agent_stderr()
-            );
+            self.files().dump();
         }
         let _ = fs::remove_dir_all(&self.dir);
-        assert!(
-            leaks.is_empty(),
-            "secrets hygiene: tokens the emulator issued leaked:\n{}",
-            leaks.join("\n")
-        );
+        assert_no_leaks(&leaks);
     }
 }
 

@@ -2,6 +2,7 @@
 //! cgroups, bpffs, child processes), a workload stand-in (`podid-probe`), and
 //! the Azure emulators the end-to-end tests and the demo run against.
 
+pub mod agent_files;
 pub mod arm;
 pub mod bench;
 pub mod emulator;

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use crate::kube::merge_patch::merge;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Request, Response};
@@ -99,27 +100,6 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
 
 fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(fields) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            if let Value::Object(map) = target {
-                for (key, value) in fields {
-                    if value.is_null() {
-                        map.remove(key);
-                    } else {
-                        merge(map.entry(key.clone()).or_insert(Value::Null), value);
-                    }
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
 }
 
 fn labels_match(object: &Value, selector: &str) -> bool {

@@ -21,6 +21,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use super::merge_patch::merge;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode, header};
@@ -331,27 +332,6 @@ impl Filter {
             (actual == wanted) == *equal
         });
         label_ok && field_ok
-    }
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(fields) => {
-            if !target.is_object() {
-                *target = json!({});
-            }
-            if let Value::Object(object) = target {
-                for (key, value) in fields {
-                    if value.is_null() {
-                        object.remove(key);
-                    } else {
-                        merge(object.entry(key.clone()).or_insert(Value::Null), value);
-                    }
-                }
-            }
-        }
-        other => *target = other.clone(),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod apiserver;
 mod fixtures;
+pub(crate) mod merge_patch;
 mod node;
 pub mod schema;
 

@@ -26,15 +26,15 @@ use podid_agent::audit::AuditRecord;
 use super::FakeApiServer;
 use crate::{
     IMDS,
+    agent_files::{AgentFiles, assert_no_leaks, scrape_metrics, scratch_dir},
     emulator::{Emulator, EmulatorConfig, EmulatorHandle},
-    harness::{http_get, rss_kib, token_leaks},
+    harness::{http_get, rss_kib},
     privileged::{BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, workspace_binary},
 };
 
-/// Where the agent listens inside the box.
-pub const AGENT_ADDR: &str = "127.0.0.1:2579";
-/// Where the agent's metrics and health endpoint listens.
-pub const METRICS_ADDR: &str = "127.0.0.1:9090";
+/// Where the agent listens and serves metrics inside the box: the same
+/// addresses as the standalone harness's.
+pub use crate::harness::{AGENT_ADDR, METRICS_ADDR};
 /// The node's name.
 pub const NODE_NAME: &str = "e2e-node";
 
@@ -100,19 +100,6 @@ pub struct KubeNodeHarness {
     _netns: NetNsGuard,
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "podid-kube-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    fs::create_dir_all(&dir).expect("create harness dir");
-    dir
-}
-
 impl KubeNodeHarness {
     /// Builds the box (network namespace, emulator, API server with the
     /// node object, bpffs, cgroups). The agent is started by
@@ -145,7 +132,7 @@ impl KubeNodeHarness {
         let bpffs = BpffsGuard::new();
         let mut cgroups = CgroupGuard::new("kube");
         cgroups.child("agent");
-        let dir = temp_dir();
+        let dir = scratch_dir("kube");
         fs::write(
             dir.join("kubeconfig"),
             FakeApiServer::kubeconfig(api_addr, "podid"),
@@ -197,16 +184,7 @@ impl KubeNodeHarness {
     /// is attached and every watch has listed). Panics with the agent's
     /// output if it does not within 30 s.
     pub fn start_agent(&mut self) {
-        // Appended, so a restarted agent's output follows the first one's.
-        let open = |name: &str| {
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.join(name))
-                .expect("agent output file")
-        };
-        let stdout = open("agent.stdout");
-        let stderr = open("agent.stderr");
+        let (stdout, stderr) = self.files().open_outputs();
         let mut cmd = self.agent_command();
         in_cgroup(&mut cmd, &self.cgroups.path().join("agent"))
             .stdout(Stdio::from(stdout))
@@ -254,9 +232,7 @@ impl KubeNodeHarness {
 
     /// `/metrics` text (empty if the agent does not answer).
     pub fn metrics(&self) -> String {
-        http_get(METRICS_ADDR, "/metrics")
-            .map(|(_, body)| body)
-            .unwrap_or_default()
+        scrape_metrics()
     }
 
     /// Tokens the emulator issued that appear in the agent's stdout, stderr,
@@ -267,25 +243,12 @@ impl KubeNodeHarness {
         } else {
             String::new()
         };
-        let mut audit = String::new();
-        for n in 0..=16 {
-            let path = if n == 0 {
-                self.audit_path()
-            } else {
-                PathBuf::from(format!("{}.{n}", self.audit_path().display()))
-            };
-            audit.push_str(&fs::read_to_string(&path).unwrap_or_default());
-        }
-        let (stdout, stderr) = (self.agent_stdout(), self.agent_stderr());
-        token_leaks(
-            &self.emulator.issued_tokens(),
-            &[
-                ("agent stdout", &stdout),
-                ("agent stderr", &stderr),
-                ("audit log", &audit),
-                ("/metrics", &metrics),
-            ],
-        )
+        self.files().leaks(&self.emulator.issued_tokens(), &metrics)
+    }
+
+    /// The agent's output files.
+    fn files(&self) -> AgentFiles<'_> {
+        AgentFiles::new(&self.dir, self.audit_path())
     }
 
     /// Creates the container cgroup of (`uid`, `container_id`) laid out as
@@ -312,29 +275,17 @@ impl KubeNodeHarness {
 
     /// Everything the agent printed on stdout so far.
     pub fn agent_stdout(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.stdout")).unwrap_or_default()
+        self.files().stdout()
     }
 
     /// Everything the agent printed on stderr so far.
     pub fn agent_stderr(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.stderr")).unwrap_or_default()
+        self.files().stderr()
     }
 
     /// Audit records, waiting (bounded) until at least `at_least` are there.
     pub fn audit_records(&self, at_least: usize) -> Vec<AuditRecord> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let records: Vec<AuditRecord> = fs::read_to_string(self.audit_path())
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).expect("audit lines are records"))
-                .collect();
-            if records.len() >= at_least || Instant::now() >= deadline {
-                return records;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.files().audit_records(at_least)
     }
 
     /// Runs a future on the box's runtime.
@@ -352,17 +303,9 @@ impl Drop for KubeNodeHarness {
         };
         self.kill_agent();
         if std::thread::panicking() {
-            eprintln!(
-                "--- agent stdout ---\n{}\n--- agent stderr ---\n{}",
-                self.agent_stdout(),
-                self.agent_stderr()
-            );
+            self.files().dump();
         }
         let _ = fs::remove_dir_all(&self.dir);
-        assert!(
-            leaks.is_empty(),
-            "secrets hygiene: tokens the emulator issued leaked:\n{}",
-            leaks.join("\n")
-        );
+        assert_no_leaks(&leaks);
     }
 }
