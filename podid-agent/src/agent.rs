@@ -86,41 +86,26 @@ impl ScrapeSource for Scrape {
 /// upstream connections, the audit file.
 const NOFILE_RESERVE: u64 = 256;
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit. Every connection is a
-/// descriptor, and service managers start processes with a soft limit of
-/// 1024, far below `--max-connections`: at the limit `accept` fails, and so
-/// does the metrics listener, taking `/healthz` and `/readyz` with it.
+/// Raises the open file limit (see [`crate::limits::raise_nofile_limit`]):
+/// at the limit `accept` fails, and so does the metrics listener, taking
+/// `/healthz` and `/readyz` with it.
 fn raise_nofile_limit(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit with a valid pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limit.rlim_max,
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit with a valid pointer to an initialised struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limit = raised;
-        } else {
-            warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+    let limit = match crate::limits::raise_nofile_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            warn!(%error, "cannot raise RLIMIT_NOFILE; connections beyond the current limit wait in the listen backlog");
+            return;
         }
-    }
+    };
     let needed = max_connections as u64 + NOFILE_RESERVE;
-    if limit.rlim_cur < needed {
+    if limit < needed {
         warn!(
-            limit = limit.rlim_cur,
+            limit,
             needed,
             "the open file limit is below --max-connections; connections beyond it wait in the listen backlog"
         );
     } else {
-        info!(limit = limit.rlim_cur, "open file limit");
+        info!(limit, "open file limit");
     }
 }
 

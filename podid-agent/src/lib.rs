@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod redirect;
 pub mod server;

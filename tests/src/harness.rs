@@ -68,23 +68,6 @@ pub struct HarnessOptions {
     pub log_filter: Option<String>,
 }
 
-/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit; returns
-/// the new soft limit.
-pub fn raise_nofile_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid pointer to an rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 0;
-    }
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: valid pointer to an initialised rlimit.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
-    limit.rlim_cur
-}
-
 /// A running harness.
 ///
 /// When it is dropped without a panic in flight, it checks that none of the

@@ -21,7 +21,7 @@ use hardening_support::{
 use podid_tests::{
     IMDS,
     emulator::{Endpoint, Fault},
-    harness::{AGENT_ADDR, AgentHarness, HarnessOptions, raise_nofile_limit},
+    harness::{AGENT_ADDR, AgentHarness, HarnessOptions},
     privileged::{ProcessCgroupGuard, preconditions_met},
     probe::{ProbeSpec, finish},
 };
@@ -361,7 +361,7 @@ fn more_concurrent_connections_than_the_default_descriptor_limit_are_held() {
         return;
     }
     const CONNECTIONS: usize = 1500;
-    let own = raise_nofile_limit();
+    let own = podid_agent::limits::raise_nofile_limit().expect("raise RLIMIT_NOFILE");
     assert!(
         own as usize > CONNECTIONS + 200,
         "the test needs {CONNECTIONS}+ descriptors (hard limit {own})"

@@ -154,8 +154,9 @@ pub fn route(path: &str) -> Route {
     }
     // Case-insensitive: an upstream that ignores case must not see an
     // instance path that escaped --block-instance-metadata.
-    let rest = rest.to_ascii_lowercase();
-    if is_metadata && (rest == "instance" || rest.starts_with("instance/")) {
+    if let Some(rest) = lower.strip_prefix("/metadata/")
+        && (rest == "instance" || rest.starts_with("instance/"))
+    {
         return Route::Instance;
     }
     Route::Other

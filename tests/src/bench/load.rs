@@ -15,7 +15,7 @@ use std::{
 use crate::{
     IMDS,
     emulator::{ManagedIdentity, token_claims},
-    harness::{METRICS_ADDR, http_get, raise_nofile_limit, rss_kib},
+    harness::{METRICS_ADDR, http_get, rss_kib},
     privileged::ProcessCgroupGuard,
 };
 
@@ -64,7 +64,7 @@ fn parse(response: &[u8]) -> (u16, Option<String>) {
 /// all (each has sent half a request), then completes every request and
 /// checks every answer.
 pub fn connections(count: usize) -> anyhow::Result<()> {
-    let limit = raise_nofile_limit();
+    let limit = podid_agent::limits::raise_nofile_limit()?;
     anyhow::ensure!(
         limit as usize > count + 100,
         "this process may open {limit} descriptors; {count} connections need more"
