@@ -26,9 +26,12 @@ pub const PROG_SOCK_OPS: &str = "podid_sock_ops";
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Hash of exempt cgroup ids (value unused, set to 1).
 pub const MAP_EXEMPT_CGROUPS: &str = "EXEMPT_CGROUPS";
-/// LRU hash: socket cookie → [`ConnectRecord`], written by connect4/connect6.
-pub const MAP_SOCKET_RECORDS: &str = "SOCKET_RECORDS";
-/// LRU hash: [`PeerKey`] → [`ConnectRecord`], written by sock_ops.
+/// LRU hash: socket cookie → 1, for sockets in a hooked cgroup that dialled
+/// the agent's address themselves (written by connect4/connect6, consumed by
+/// sock_ops), so that they get no record.
+pub const MAP_DIRECT_SOCKETS: &str = "DIRECT_SOCKETS";
+/// LRU hash: [`PeerKey`] → [`ConnectRecord`], written by sock_ops for every
+/// connection the redirect sent to the agent.
 pub const MAP_PEER_RECORDS: &str = "PEER_RECORDS";
 /// Per-CPU array of `u64` counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -39,23 +42,27 @@ pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 pub const ALL_MAPS: [&str; 6] = [
     MAP_CONFIG,
     MAP_EXEMPT_CGROUPS,
-    MAP_SOCKET_RECORDS,
+    MAP_DIRECT_SOCKETS,
     MAP_PEER_RECORDS,
     MAP_COUNTERS,
     MAP_AYA_LOGS,
 ];
 
-/// Default capacity of each record map. A record lives from `connect()` until
-/// the agent accepts the connection, so this bounds the number of token
+/// Default capacity of the peer record map. A record lives from `connect()`
+/// until the agent accepts the connection, so this bounds the number of token
 /// requests in flight on a node, not the number of pods.
 pub const DEFAULT_RECORD_CAPACITY: u32 = 65_536;
+/// Capacity of the direct-dial marks. A mark lives only within one `connect()`
+/// call, so this bounds direct dials in progress at once; losing one to
+/// eviction records that connection under its caller's own cgroup.
+pub const DIRECT_CAPACITY: u32 = 8_192;
 /// Capacity of the exempt cgroup set.
 pub const EXEMPT_CAPACITY: u32 = 64;
 
 /// Version of the map layouts and program contract. Pins live in a directory
 /// named after it, so an agent with an incompatible layout never reuses maps
 /// pinned by another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `AF_INET`, as stored in [`ConnectRecord::family`].
 pub const AF_INET: u16 = 2;
@@ -83,12 +90,14 @@ pub struct RedirectConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnectRecord {
-    /// `bpf_get_current_cgroup_id()` of the task that called `connect()`:
-    /// the inode number of its cgroup v2 directory.
+    /// `bpf_get_current_cgroup_id()` of the task that called `connect()`
+    /// (read in sock_ops' `TCP_CONNECT_CB`, which runs inside that call): the
+    /// inode number of its cgroup v2 directory.
     pub cgroup_id: u64,
     /// Thread group id (process id) of the caller.
     pub tgid: u32,
-    /// Original destination address, network byte order.
+    /// Original destination address, network byte order: the configured IMDS
+    /// address, the only destination the redirect rewrites.
     pub orig_addr: u32,
     /// Original destination port, network byte order in the low 16 bits.
     pub orig_port: u32,
@@ -122,8 +131,8 @@ pub enum Counter {
     Exempt = 1,
     /// sock_ops stored a peer record for a redirected connection.
     Recorded = 2,
-    /// sock_ops saw a connection to the agent with no connect-time record
-    /// (dialled directly, or its record was evicted).
+    /// sock_ops saw a connection to the agent that the redirect did not make
+    /// (the caller dialled the agent's address itself): no record.
     RecordMissing = 3,
     /// A map update failed (the connection is still redirected, and then
     /// refused by the agent for lack of a record).

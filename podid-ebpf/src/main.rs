@@ -2,12 +2,21 @@
 //!
 //! - `podid_connect4` (`cgroup/connect4`) and `podid_connect6` (`cgroup/connect6`)
 //!   rewrite a TCP connection to the IMDS address and port so that it reaches the
-//!   node agent instead, unless the caller's cgroup is exempt, and record who
-//!   asked, keyed by socket cookie. `connect6` handles the v4-mapped form
-//!   (`::ffff:169.254.169.254`) that dual-stack sockets use.
-//! - `podid_sock_ops` (`sockops`), at TCP connect time, moves that record to a
-//!   map keyed by the connection's 4-tuple, which is what the agent can see
-//!   when it accepts the connection.
+//!   node agent instead, unless the caller's cgroup is exempt. `connect6`
+//!   handles the v4-mapped form (`::ffff:169.254.169.254`) that dual-stack
+//!   sockets use. A socket that dials the agent's own address itself is marked,
+//!   by socket cookie, as not redirected.
+//! - `podid_sock_ops` (`sockops`), at TCP connect time, once the kernel has
+//!   picked the source port, records who connected (the caller's cgroup id and
+//!   tgid) in a map keyed by the connection's 4-tuple, which is what the agent
+//!   can see when it accepts the connection. Connections marked as dialled
+//!   directly get no record.
+//!
+//! Both run inside the caller's own `connect()` system call (connect4 from
+//! `tcp_v4_pre_connect`, the sock_ops `TCP_CONNECT_CB` from `tcp_connect`), so
+//! "the current task" is the same caller in both. Recording at sock_ops time
+//! rather than at connect4 time saves the hot path two map writes and a
+//! lookup: the facts are the same, and only the rare direct dial needs a mark.
 //!
 //! The programs never refuse a connection: a failed record only means the agent
 //! finds nothing and refuses it, so every failure mode is fail-closed.
@@ -24,8 +33,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use core::ptr::read_volatile;
 use podid_ebpf::{
-    AF_INET, AF_INET6, ConnectRecord, Counter, DEFAULT_RECORD_CAPACITY, EXEMPT_CAPACITY, PeerKey,
-    RedirectConfig,
+    AF_INET, AF_INET6, ConnectRecord, Counter, DEFAULT_RECORD_CAPACITY, DIRECT_CAPACITY,
+    EXEMPT_CAPACITY, PeerKey, RedirectConfig,
 };
 
 /// `cgroup/connect*` programs must return 1 to let the `connect()` proceed.
@@ -41,8 +50,7 @@ static CONFIG: Array<RedirectConfig> = Array::with_max_entries(1, 0);
 static EXEMPT_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(EXEMPT_CAPACITY, 0);
 
 #[map]
-static SOCKET_RECORDS: LruHashMap<u64, ConnectRecord> =
-    LruHashMap::with_max_entries(DEFAULT_RECORD_CAPACITY, 0);
+static DIRECT_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(DIRECT_CAPACITY, 0);
 
 #[map]
 static PEER_RECORDS: LruHashMap<PeerKey, ConnectRecord> =
@@ -70,16 +78,14 @@ fn config() -> Option<&'static RedirectConfig> {
 }
 
 /// Common part of connect4/connect6 once the destination is known as an IPv4
-/// address: decide, record, and tell the caller what to write back.
+/// address: decide, and tell the caller what to write back.
 #[inline(always)]
-fn redirect_target(
-    ctx: &SockAddrContext,
-    dst_addr: u32,
-    dst_port: u32,
-    family: u16,
-) -> Option<(u32, u32)> {
+fn redirect_target(ctx: &SockAddrContext, dst_addr: u32, dst_port: u32) -> Option<(u32, u32)> {
     let config = config()?;
     if dst_addr != config.imds_addr || dst_port != config.imds_port {
+        if dst_addr == config.agent_addr && dst_port == config.agent_port {
+            mark_direct(ctx);
+        }
         return None;
     }
     // SAFETY: helper with no arguments.
@@ -89,24 +95,23 @@ fn redirect_target(
         count(Counter::Exempt);
         return None;
     }
+    count(Counter::Redirected);
+    Some((config.agent_addr, config.agent_port))
+}
+
+/// Remembers that this socket dialled the agent itself, so sock_ops gives it no
+/// record. If even the LRU cannot take the mark, the connection is recorded
+/// under the caller's own cgroup, which is what a redirect would have done.
+#[inline(always)]
+fn mark_direct(ctx: &SockAddrContext) {
     // SAFETY: ctx is the program's own bpf_sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let record = ConnectRecord {
-        cgroup_id,
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        orig_addr: dst_addr,
-        orig_port: dst_port,
-        family: u32::from(family),
-    };
-    if SOCKET_RECORDS
-        .insert(&cookie, &record, u64::from(BPF_ANY))
+    if DIRECT_SOCKETS
+        .insert(&cookie, &1, u64::from(BPF_ANY))
         .is_err()
     {
         count(Counter::RecordFailed);
-        warn!(ctx, "podid: cannot record connect for cgroup {}", cgroup_id);
     }
-    count(Counter::Redirected);
-    Some((config.agent_addr, config.agent_port))
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -117,7 +122,7 @@ pub fn podid_connect4(ctx: SockAddrContext) -> i32 {
     if sock_type != SOCK_STREAM {
         return ALLOW;
     }
-    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, dst_addr, dst_port, AF_INET) {
+    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, dst_addr, dst_port) {
         // SAFETY: connect4 may rewrite user_ip4 and user_port.
         unsafe {
             (*sa).user_ip4 = agent_addr;
@@ -139,7 +144,7 @@ pub fn podid_connect6(ctx: SockAddrContext) -> i32 {
     if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
         return ALLOW;
     }
-    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, ip6[3], dst_port, AF_INET6) {
+    if let Some((agent_addr, agent_port)) = redirect_target(&ctx, ip6[3], dst_port) {
         // SAFETY: connect6 may rewrite user_ip6 (as four 32-bit stores) and user_port.
         unsafe {
             (*sa).user_ip6[0] = 0;
@@ -152,20 +157,21 @@ pub fn podid_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Returns (local address, remote address) as IPv4, for AF_INET sockets and
-/// AF_INET6 sockets talking v4-mapped.
+/// Returns (family, local address, remote address), the addresses as IPv4,
+/// for AF_INET sockets and AF_INET6 sockets talking v4-mapped.
 ///
 /// Every context field is read with a volatile load in the branch that needs
 /// it: otherwise LLVM merges the branches into one load through a computed
 /// context pointer, which the verifier rejects ("dereference of modified ctx ptr").
 #[inline(always)]
-fn ipv4_endpoints(ctx: &SockOpsContext) -> Option<(u32, u32)> {
+fn ipv4_endpoints(ctx: &SockOpsContext) -> Option<(u32, u32, u32)> {
     let ops = ctx.ops;
     // SAFETY: ops is the program's context; these fields are readable in sock_ops.
     unsafe {
         let family = read_volatile(&(*ops).family);
         if family == u32::from(AF_INET) {
             return Some((
+                family,
                 read_volatile(&(*ops).local_ip4),
                 read_volatile(&(*ops).remote_ip4),
             ));
@@ -187,7 +193,7 @@ fn ipv4_endpoints(ctx: &SockOpsContext) -> Option<(u32, u32)> {
         ];
         let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_PREFIX;
         if mapped(local) && mapped(remote) {
-            Some((local[3], remote[3]))
+            Some((family, local[3], remote[3]))
         } else {
             None
         }
@@ -205,7 +211,7 @@ pub fn podid_sock_ops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn record_peer(ctx: &SockOpsContext) {
     let Some(config) = config() else { return };
-    let Some((local_addr, remote_addr)) = ipv4_endpoints(ctx) else {
+    let Some((family, local_addr, remote_addr)) = ipv4_endpoints(ctx) else {
         return;
     };
     // remote_port holds the network-order port in the high half; local_port is host order.
@@ -229,27 +235,35 @@ fn record_peer(ctx: &SockOpsContext) {
     };
     // SAFETY: ctx is the program's own bpf_sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: plain-data map value, copied out immediately.
-    let record = unsafe { SOCKET_RECORDS.get(&cookie) }.copied();
-    match record {
-        Some(record) => {
-            if PEER_RECORDS
-                .insert(&key, &record, u64::from(BPF_ANY))
-                .is_ok()
-            {
-                count(Counter::Recorded);
-            } else {
-                count(Counter::RecordFailed);
-            }
-            let _ = SOCKET_RECORDS.remove(&cookie);
-        }
-        None => {
-            // A connection straight to the agent. Drop any stale record left by
-            // an earlier connection with the same 4-tuple, so this one can never
-            // inherit someone else's cgroup.
-            let _ = PEER_RECORDS.remove(&key);
-            count(Counter::RecordMissing);
-        }
+    // SAFETY: plain-data map value, only tested for presence.
+    if unsafe { DIRECT_SOCKETS.get(&cookie) }.is_some() {
+        let _ = DIRECT_SOCKETS.remove(&cookie);
+        // Drop any stale record left by an earlier connection with the same
+        // 4-tuple, so this one can never inherit someone else's cgroup.
+        let _ = PEER_RECORDS.remove(&key);
+        count(Counter::RecordMissing);
+        return;
+    }
+    // TCP_CONNECT_CB runs inside the caller's connect(), like connect4 did.
+    let record = ConnectRecord {
+        // SAFETY: helper with no arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        orig_addr: config.imds_addr,
+        orig_port: config.imds_port,
+        family,
+    };
+    if PEER_RECORDS
+        .insert(&key, &record, u64::from(BPF_ANY))
+        .is_ok()
+    {
+        count(Counter::Recorded);
+    } else {
+        count(Counter::RecordFailed);
+        warn!(
+            ctx,
+            "podid: cannot record connect for cgroup {}", record.cgroup_id
+        );
     }
 }
 

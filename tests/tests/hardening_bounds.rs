@@ -334,18 +334,20 @@ fn the_kernel_record_maps_have_a_fixed_capacity() {
         return;
     }
     let (harness, _ids) = start(&[]);
-    for name in [podid_ebpf::MAP_PEER_RECORDS, podid_ebpf::MAP_SOCKET_RECORDS] {
+    for (name, capacity) in [
+        (
+            podid_ebpf::MAP_PEER_RECORDS,
+            podid_ebpf::DEFAULT_RECORD_CAPACITY,
+        ),
+        (podid_ebpf::MAP_DIRECT_SOCKETS, podid_ebpf::DIRECT_CAPACITY),
+    ] {
         let pin = harness
             .pin_root()
             .join(format!("v{}", podid_ebpf::ABI_VERSION))
             .join(format!("map_{name}"));
         let data = aya::maps::MapData::from_pin(&pin).expect("pinned map");
         let info = data.info().expect("map info");
-        assert_eq!(
-            info.max_entries(),
-            podid_ebpf::DEFAULT_RECORD_CAPACITY,
-            "{name}"
-        );
+        assert_eq!(info.max_entries(), capacity, "{name}");
         assert_eq!(
             info.map_type().ok(),
             Some(aya::maps::MapType::LruHash),

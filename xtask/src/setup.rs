@@ -122,16 +122,30 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
             packages.join(" ")
         );
     }
+    let mut refreshed = false;
     if !packages.iter().all(|p| apt_candidate(p)) {
         run_quiet(apt_get().args(["update", "-qq"]), "apt-get update")?;
+        refreshed = true;
     }
     eprintln!("setup: installing {}", packages.join(" "));
-    run_quiet(
-        apt_get()
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(packages),
-        "apt-get install",
-    )
+    let install = || {
+        run_quiet(
+            apt_get()
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(packages),
+            "apt-get install",
+        )
+    };
+    match install() {
+        Ok(()) => Ok(()),
+        // A stale index names package versions the mirror no longer holds (404):
+        // refresh it once and try again.
+        Err(_) if !refreshed => {
+            run_quiet(apt_get().args(["update", "-qq"]), "apt-get update")?;
+            install()
+        }
+        Err(error) => Err(error),
+    }
 }
 
 fn has_apt() -> bool {

@@ -29,8 +29,8 @@ use aya::{
 };
 use podid_ebpf::{
     AF_INET6, ConnectRecord, Counter, MAP_CONFIG, MAP_COUNTERS, MAP_EXEMPT_CGROUPS,
-    MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER, MAP_SOCKET_RECORDS, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_SOCK_OPS, PeerKey, RedirectConfig,
+    MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
+    PeerKey, RedirectConfig,
 };
 use tracing::{debug, info, warn};
 
@@ -285,7 +285,6 @@ impl Redirect {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(capacity) = options.record_capacity {
-            loader.map_max_entries(MAP_SOCKET_RECORDS, capacity);
             loader.map_max_entries(MAP_PEER_RECORDS, capacity);
         }
         let mut ebpf = loader.load(OBJECT).map_err(RedirectError::Load)?;

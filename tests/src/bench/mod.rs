@@ -1,7 +1,8 @@
-//! The benchmarks' shared pieces (summary statistics), the token benchmark
-//! and the load figures (connections, soak).
+//! The benchmarks' shared pieces (summary statistics), the redirect and token
+//! benchmarks and the load figures (connections, soak).
 
 pub mod load;
+pub mod redirect;
 pub mod token;
 
 use crate::{
@@ -55,6 +56,23 @@ pub fn percentile(samples: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
+/// A distribution-free 95% confidence interval for the median of `samples`:
+/// the order statistics at ranks n/2 ± 0.98·√n (the normal approximation of
+/// the binomial sign test). Needs no assumption about the noise's shape, which
+/// on a shared 2-core VM is anything but normal. `(0, 0)` for no samples.
+pub fn median_ci95(samples: &[f64]) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len() as f64;
+    let half_width = 0.98 * n.sqrt();
+    let lower = ((n / 2.0 - half_width).floor() as usize).clamp(1, sorted.len());
+    let upper = ((n / 2.0 + 1.0 + half_width).ceil() as usize).clamp(1, sorted.len());
+    (sorted[lower - 1], sorted[upper - 1])
+}
+
 /// p10/p50/p90/p99 of a sample set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
@@ -88,5 +106,18 @@ mod tests {
         assert_eq!(percentile(&samples, 1.0), 100.0);
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn median_interval_brackets_the_median_and_narrows_with_more_samples() {
+        let small: Vec<f64> = (1..=40).map(f64::from).collect();
+        let (lo, hi) = median_ci95(&small);
+        assert!(lo < median(&small) && median(&small) < hi, "{lo} {hi}");
+        assert_eq!((lo, hi), (13.0, 28.0));
+        let large: Vec<f64> = (1..=400).map(|i| f64::from(i) / 10.0).collect();
+        let (lo, hi) = median_ci95(&large);
+        assert!(hi - lo < 3.0, "{lo} {hi}");
+        assert_eq!(median_ci95(&[]), (0.0, 0.0));
+        assert_eq!(median_ci95(&[5.0]), (5.0, 5.0));
     }
 }
