@@ -114,9 +114,9 @@ mod tests {
         let (lo, hi) = median_ci95(&small);
         assert!(lo < median(&small) && median(&small) < hi, "{lo} {hi}");
         assert_eq!((lo, hi), (13.0, 28.0));
+        // Ten times the samples over the same range: about a third as wide.
         let large: Vec<f64> = (1..=400).map(|i| f64::from(i) / 10.0).collect();
-        let (lo, hi) = median_ci95(&large);
-        assert!(hi - lo < 3.0, "{lo} {hi}");
+        assert_eq!(median_ci95(&large), (18.0, 22.1));
         assert_eq!(median_ci95(&[]), (0.0, 0.0));
         assert_eq!(median_ci95(&[5.0]), (5.0, 5.0));
     }

@@ -26,6 +26,12 @@ fn main() -> anyhow::Result<()> {
             connections: value("--connections", 30_000) as u32,
             program_stats: args.iter().any(|a| a == "--program-stats"),
         }),
+        Some("floor") => match (args.get(1), args.get(2)) {
+            (Some(listen), Some(body)) => {
+                podid_tests::bench::token::floor_process(listen.parse()?, body.as_ref())
+            }
+            _ => anyhow::bail!("usage: podid-bench floor LISTEN BODY_FILE"),
+        },
         Some("token") => {
             podid_tests::bench::token::run(Duration::from_secs(value("--seconds", 10)))
         }
