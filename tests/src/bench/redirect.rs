@@ -203,9 +203,10 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
                         connect_close(variant.target)?;
                     }
                 }
+                let count = variants.len();
                 for round in 0..ROUNDS {
-                    for offset in 0..variants.len() {
-                        let variant = &mut variants[(round as usize + offset) % 3];
+                    for offset in 0..count {
+                        let variant = &mut variants[(round as usize + offset) % count];
                         let _cg = ProcessCgroupGuard::enter(variant.cgroup);
                         let started = Instant::now();
                         for _ in 0..per_batch {

@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     };
     match args.first().map(String::as_str) {
         Some("redirect") => podid_tests::bench::redirect::run(RedirectBench {
-            connections: value("--connections", 30_000) as u32,
+            connections: value("--connections", 20_000) as u32,
             program_stats: args.iter().any(|a| a == "--program-stats"),
         }),
         Some("floor") => match (args.get(1), args.get(2)) {
