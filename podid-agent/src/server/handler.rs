@@ -1,5 +1,6 @@
 //! One request: route, validate, attribute, decide, get the token, answer,
-//! audit. Every path through here writes exactly one audit record.
+//! audit. Every path through here leaves exactly one audit record on the
+//! connection, which sends it once the response is out.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -146,7 +147,7 @@ pub(crate) async fn handle<S: WorkloadSource>(
     {
         state.source.on_denied(workload, &audit);
     }
-    state.audit.record(audit);
+    connection.leave_audit(audit);
     answer.response
 }
 
