@@ -332,8 +332,12 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
             rounds[4].push(paced(fixed_rate(floor, &path, FIXED_RATE, round)));
             rounds[5].push(paced(fixed_rate(in_process, &path, FIXED_RATE, round)));
         }
-        Ok::<_, anyhow::Error>(rounds.map(|runs| Run::median_of(&runs)))
+        Ok::<_, anyhow::Error>(rounds)
     });
+    let rounds = result?;
+    let p99_by_round =
+        |runs: &[Run]| -> Vec<u64> { runs.iter().map(|r| r.stats.p99.round() as u64).collect() };
+    let fixed_rate_rounds = (p99_by_round(&rounds[3]), p99_by_round(&rounds[4]));
     let [
         agent_saturated,
         floor_saturated,
@@ -341,7 +345,7 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
         agent_fixed,
         floor_fixed,
         in_process_fixed,
-    ] = result?;
+    ] = rounds.map(|runs| Run::median_of(&runs));
     println!(
         "\ntoken benchmark: cached token, a new TCP connection per request; {ROUNDS} interleaved rounds of {:.1} s per variant, medians across rounds",
         (seconds / ROUNDS).as_secs_f64()
@@ -372,14 +376,18 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
         "agent p99 at {FIXED_RATE} req/s = {:.0} µs  (target < 1000 µs; floor {:.0} µs)",
         agent_fixed.stats.p99, floor_fixed.stats.p99
     );
+    println!(
+        "p99 µs of each round at {FIXED_RATE} req/s: agent {:?}, floor {:?}",
+        fixed_rate_rounds.0, fixed_rate_rounds.1
+    );
     let records = harness.audit_records(0);
     let handler: Vec<f64> = records.iter().map(|r| r.latency_us as f64).collect();
     let handler = Stats::of(&handler);
     println!(
-        "agent handler time (audit latency_us, all requests): p50 {:.0} µs, p99 {:.0} µs; {} audit records",
+        "agent handler time (audit latency_us, the {} records of the current audit file): p50 {:.0} µs, p99 {:.0} µs",
+        records.len(),
         handler.p50,
-        handler.p99,
-        records.len()
+        handler.p99
     );
     Ok(())
 }
