@@ -4,6 +4,8 @@
 //! tokens from the emulator.
 
 use std::{
+    io::Write,
+    net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
@@ -12,7 +14,7 @@ use podid_agent::audit::{CacheUse, Outcome};
 use podid_tests::{
     emulator::{EmulatorConfig, Endpoint, Fault, ManagedIdentity, token_claims},
     harness::{AgentHarness, HarnessSpec, node_client, python_client, run_client_json},
-    privileged::{preconditions_met, workspace_binary},
+    privileged::{ProcessCgroupGuard, preconditions_met, workspace_binary},
     probe::ProbeSpec,
 };
 use serde_json::Value;
@@ -686,4 +688,71 @@ fn metrics_and_the_audit_query_show_the_requests() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["outcome"], "identity_not_found");
     let _ = ids;
+}
+
+/// A client that hangs up while the agent waits for upstream still leaves
+/// its audit record: the token was fetched for that pod whether or not the
+/// answer reached it, and the audit must say so.
+#[test]
+fn a_client_that_hangs_up_before_the_answer_is_still_audited() {
+    if !preconditions_met("a_client_that_hangs_up_before_the_answer_is_still_audited") {
+        return;
+    }
+    let (harness, ids) = harness(&[]);
+    let resource = "https://hangup.example.com";
+    harness.emulator.inject(
+        Fault::delay(Duration::from_millis(1_500))
+            .times(1)
+            .for_client(&ids.sql.client_id)
+            .on(Endpoint::Imds),
+    );
+    {
+        let _in_workload = ProcessCgroupGuard::enter(&harness.cgroup("apps/reporting"));
+        let mut stream =
+            TcpStream::connect(podid_tests::IMDS).expect("connect through the redirect");
+        write!(
+            stream,
+            "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource={resource} HTTP/1.1\r\n\
+             Host: 169.254.169.254\r\nMetadata: true\r\n\r\n"
+        )
+        .expect("send the request");
+        // Hang up once the agent is waiting on the (stalled) upstream call.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while harness.emulator.max_concurrent() == 0 {
+            assert!(Instant::now() < deadline, "the agent never called upstream");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stream.shutdown(std::net::Shutdown::Both).expect("hang up");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let found = harness
+            .audit_records(1)
+            .into_iter()
+            .find(|r| r.resource == resource);
+        if let Some(record) = found {
+            break record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit record for the request whose client hung up:\n{}",
+            harness.agent_stdout()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(record.pod, "reporting");
+    assert_eq!(record.client_id, ids.sql.client_id);
+    assert_eq!(record.outcome, Outcome::Issued, "{record:?}");
+    assert!(
+        record
+            .reason
+            .contains("the client closed the connection before the answer"),
+        "{record:?}"
+    );
+    assert_eq!(
+        harness
+            .emulator
+            .calls(Endpoint::Imds, &ids.sql.client_id, resource),
+        1
+    );
 }

@@ -1,6 +1,7 @@
 //! One request: route, validate, attribute, decide, get the token, answer,
 //! audit. Every path through here leaves exactly one audit record on the
-//! connection, which sends it once the response is out.
+//! connection, which sends it once the response is out (or at once, if the
+//! client has already hung up).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -147,7 +148,7 @@ pub(crate) async fn handle<S: WorkloadSource>(
     {
         state.source.on_denied(workload, &audit);
     }
-    connection.leave_audit(audit);
+    connection.leave_audit(audit, &state.audit);
     answer.response
 }
 

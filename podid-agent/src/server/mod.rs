@@ -116,31 +116,62 @@ impl<S> AppState<S> {
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub record: Result<Option<PeerRecord>, String>,
-    /// Filled by the handler, sent to the audit log once the response is out
-    /// (see [`Connection::finish`]).
-    audit: Mutex<Option<AuditRecord>>,
+    audit: Mutex<AuditSlot>,
 }
+
+/// Where the request's audit record waits for the connection to end.
+#[derive(Debug)]
+enum AuditSlot {
+    /// The handler has not finished yet; the connection is still open.
+    Waiting,
+    /// The handler finished first: the record goes out when the connection ends.
+    Left(Box<AuditRecord>),
+    /// The connection ended first, for the reason given: the record goes
+    /// out, with that reason added, as soon as the handler leaves it.
+    Ended(&'static str),
+}
+
+/// Why an answer never reached the client, added to its record's reason.
+const HUNG_UP: &str = "the client closed the connection before the answer";
+const TIMED_OUT: &str = "the request outlasted the per-request time limit; connection dropped";
 
 impl Connection {
     fn new(record: Result<Option<PeerRecord>, String>) -> Self {
         Self {
             record,
-            audit: Mutex::new(None),
+            audit: Mutex::new(AuditSlot::Waiting),
         }
     }
 
-    /// Keeps the request's audit record until the connection is done.
-    pub(crate) fn leave_audit(&self, record: AuditRecord) {
-        *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+    fn slot(&self) -> std::sync::MutexGuard<'_, AuditSlot> {
+        self.audit.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends the audit record, if the handler left one. Called after the
-    /// response has been written and the connection shut down: waking the
-    /// audit writer thread any earlier puts it on the CPU the waiting client
-    /// is about to run on (measured: +60 µs to first byte on two cores).
-    fn finish(&self, audit: &AuditLog) {
-        if let Some(record) = self.audit.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    /// Hands over the request's audit record: kept until the connection
+    /// ends, or sent at once if it already has.
+    pub(crate) fn leave_audit(&self, mut record: AuditRecord, audit: &AuditLog) {
+        let mut slot = self.slot();
+        if let AuditSlot::Ended(why) = *slot {
+            drop(slot);
+            record.reason = if record.reason.is_empty() {
+                why.to_string()
+            } else {
+                format!("{}; {why}", record.reason)
+            };
             audit.record(record);
+        } else {
+            *slot = AuditSlot::Left(Box::new(record));
+        }
+    }
+
+    /// Called once the response is written and the connection shut down, or
+    /// the connection ended without an answer (`why`). Sending the record only
+    /// now keeps the audit writer thread from waking onto the CPU the waiting
+    /// client is about to run on (measured: +60 µs to first byte on two cores).
+    fn end(&self, audit: &AuditLog, why: &'static str) {
+        let left = std::mem::replace(&mut *self.slot(), AuditSlot::Ended(why));
+        if let AuditSlot::Left(record) = left {
+            audit.record(*record);
         }
     }
 }
@@ -173,12 +204,9 @@ pub async fn serve<S: WorkloadSource>(
             tokio::spawn(refuse(stream, peer, state.clone(), "connection_limit"));
             continue;
         }
-        let guard = ActiveGuard::new(active.clone(), state.clone());
+        let guard = Arc::new(ActiveGuard::new(active.clone(), state.clone()));
         let state = state.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            serve_connection(stream, peer, state).await;
-        });
+        tokio::spawn(serve_connection(stream, peer, state, guard));
     }
     let deadline = Instant::now() + state.settings.request_timeout;
     while active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
@@ -231,10 +259,13 @@ async fn refuse<S>(
     debug!(reason, node = %state.node, "connection refused by limit");
 }
 
+/// Serves one connection. `active` counts it against `--max-connections`
+/// until both the connection and its request's handler are done.
 async fn serve_connection<S: WorkloadSource>(
     mut stream: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState<S>>,
+    active: Arc<ActiveGuard<S>>,
 ) {
     let accepted = Instant::now();
     let record = match stream.local_addr() {
@@ -296,27 +327,50 @@ async fn serve_connection<S: WorkloadSource>(
         let service_state = state.clone();
         let service_connection = Arc::clone(&connection);
         let service = service_fn(move |request| {
-            let state = service_state.clone();
+            let state = Arc::clone(&service_state);
             let connection = Arc::clone(&service_connection);
+            let active = Arc::clone(&active);
+            // A task of its own: hyper drops this future when the client
+            // hangs up, and a request that got as far as upstream must still
+            // finish and leave its audit record. It holds the connection's
+            // place under --max-connections until it is done.
+            let handling = tokio::spawn(
+                async move {
+                    let _active = active;
+                    handler::handle(&state, &connection, request).await
+                }
+                .in_current_span(),
+            );
             async move {
-                Ok::<_, std::convert::Infallible>(
-                    handler::handle(&state, &connection, request).await,
-                )
+                let response = handling.await.unwrap_or_else(|error| {
+                    warn!(%error, "request handler failed");
+                    imds::ImdsError::new(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "podid-agent failed to handle the request",
+                    )
+                    .response()
+                });
+                Ok::<_, std::convert::Infallible>(response)
             }
         });
         let serving = hyper::server::conn::http1::Builder::new()
             .keep_alive(false)
             .max_buf_size(state.settings.max_header_bytes.max(8192))
             .serve_connection(io, service);
-        match tokio::time::timeout(state.settings.request_timeout, serving).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => debug!(%error, "connection ended with an error"),
+        let ended = match tokio::time::timeout(state.settings.request_timeout, serving).await {
+            Ok(Ok(())) => HUNG_UP,
+            Ok(Err(error)) => {
+                debug!(%error, "connection ended with an error");
+                HUNG_UP
+            }
             Err(_) => {
                 state.metrics.rejected_connection("request_timeout");
                 debug!("request exceeded the time limit; connection dropped");
+                TIMED_OUT
             }
-        }
-        connection.finish(&state.audit);
+        };
+        connection.end(&state.audit, ended);
     }
     .instrument(span)
     .await
