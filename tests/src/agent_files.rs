@@ -81,17 +81,42 @@ impl<'a> AgentFiles<'a> {
     pub fn audit_records(&self, at_least: usize) -> Vec<AuditRecord> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let records: Vec<AuditRecord> = fs::read_to_string(&self.audit_path)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).expect("audit lines are records"))
-                .collect();
+            let records = self.read_audit();
             if records.len() >= at_least || Instant::now() >= deadline {
                 return records;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The first audit record that `matches`, waiting up to 10 s for it to
+    /// be written; panics naming `what`, with the records there are.
+    pub fn audit_record_where(
+        &self,
+        what: &str,
+        matches: impl Fn(&AuditRecord) -> bool,
+    ) -> AuditRecord {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.read_audit();
+            if let Some(record) = records.iter().find(|r| matches(r)) {
+                return record.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record for {what} among {records:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn read_audit(&self) -> Vec<AuditRecord> {
+        fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("audit lines are records"))
+            .collect()
     }
 
     /// Where any of `tokens` appears in the agent's stdout, stderr, audit

@@ -390,6 +390,15 @@ impl AgentHarness {
         self.files().audit_records(at_least)
     }
 
+    /// The first audit record that `matches`, waiting (bounded) for it.
+    pub fn audit_record_where(
+        &self,
+        what: &str,
+        matches: impl Fn(&AuditRecord) -> bool,
+    ) -> AuditRecord {
+        self.files().audit_record_where(what, matches)
+    }
+
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
         scrape_metrics()

@@ -724,22 +724,9 @@ fn a_client_that_hangs_up_before_the_answer_is_still_audited() {
         }
         stream.shutdown(std::net::Shutdown::Both).expect("hang up");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let record = loop {
-        let found = harness
-            .audit_records(1)
-            .into_iter()
-            .find(|r| r.resource == resource);
-        if let Some(record) = found {
-            break record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audit record for the request whose client hung up:\n{}",
-            harness.agent_stdout()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let record = harness.audit_record_where("the request whose client hung up", |r| {
+        r.resource == resource
+    });
     assert_eq!(record.pod, "reporting");
     assert_eq!(record.client_id, ids.sql.client_id);
     assert_eq!(record.outcome, Outcome::Issued, "{record:?}");

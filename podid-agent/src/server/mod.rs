@@ -295,6 +295,8 @@ async fn serve_connection<S: WorkloadSource>(
             .keep_alive(false)
             .max_buf_size(state.settings.max_header_bytes.max(8192))
             .serve_connection(io, service);
+        // Why the connection ended matters only when the handler had not
+        // finished by then: hyper ends early when the client goes.
         let ended = match tokio::time::timeout(state.settings.request_timeout, serving).await {
             Ok(Ok(())) => HUNG_UP,
             Ok(Err(error)) => {
