@@ -50,7 +50,10 @@ pub fn check_error(error: &ImdsError) {
         "application/json; charset=utf-8"
     );
     if error.status == StatusCode::METHOD_NOT_ALLOWED {
-        assert_eq!(response.headers()[header::ALLOW], "GET");
+        assert_eq!(
+            response.headers()[header::ALLOW],
+            error.allow.as_deref().unwrap_or("GET")
+        );
     }
     if let Some(seconds) = error.retry_after {
         assert_eq!(
@@ -109,6 +112,16 @@ pub fn check_route(path: &str) -> Route {
         assert!(
             matches!(route, Route::Token | Route::MalformedToken),
             "{path:?} (upstream may read it as {normal:?}) would be forwarded to IMDS: {route:?}"
+        );
+    }
+    let lower = normal.to_ascii_lowercase();
+    if lower == "/metadata/identity" || lower.starts_with("/metadata/identity/") {
+        assert!(
+            matches!(
+                route,
+                Route::Token | Route::MalformedToken | Route::IdentityOther
+            ),
+            "{path:?} (upstream may read it as {normal:?}) is in the identity namespace but would be forwarded: {route:?}"
         );
     }
     if normal == "/metadata/instance" || normal.starts_with("/metadata/instance/") {
@@ -271,6 +284,11 @@ pub fn check_request(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<
         }
         Route::MalformedToken => {
             let error = ImdsError::bad_request("Invalid request");
+            check_error(&error);
+            Some(error)
+        }
+        Route::IdentityOther => {
+            let error = ImdsError::not_found("Not found");
             check_error(&error);
             Some(error)
         }

@@ -157,8 +157,16 @@ SCENARIOS: list[tuple[str, dict]] = [
     ("everything", {
         "namespaced": True,
         "logging": {"level": "debug", "format": "json"},
+        "identityRules": {
+            "nodeIdentities": ["0b7e4f4c-1111-4e3f-9a3b-2c6f6d1e0002"],
+            "allowNodeIdentities": False,
+            "allowedAuthorities": ["https://login.example.internal"],
+            "sameNamespaceSecrets": True,
+        },
         "agent": {
             "blockInstanceMetadata": True,
+            "forward": ["GET /metadata/instance", "GET|POST /metadata/scheduledevents"],
+            "cloudConfigHostPath": "/etc/kubernetes/azure.json",
             "startupTaint": {"enabled": True, "key": "example.com/podid-not-ready"},
             "emitDenialEvents": True,
             "cgroupRoot": "kubepods.slice",
@@ -662,9 +670,29 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         "audit-log-max-bytes": str(v["agent"]["audit"]["maxBytes"]) if v["agent"]["audit"]["enabled"] else None,
         "audit-log-max-files": str(v["agent"]["audit"]["maxFiles"]) if v["agent"]["audit"]["enabled"] else None,
         "cgroup-root": f"/host/sys/fs/cgroup/{v['agent']['cgroupRoot'].lstrip('/')}" if v["agent"]["cgroupRoot"] else None,
+        "forward": ",".join(v["agent"]["forward"]) or None,
+        "cloud-config": "/etc/kubernetes/azure.json" if v["agent"]["cloudConfigHostPath"] else None,
+        **identity_rule_flags(v),
     }
+    if v["agent"]["cloudConfigHostPath"]:
+        report.check(volumes.get("cloud-config", {}).get("hostPath") == {"path": v["agent"]["cloudConfigHostPath"], "type": "File"}
+                     and mounts.get("cloud-config", {}).get("readOnly") is True,
+                     f"{where}: agent mounts the cloud config file read-only")
+    else:
+        report.check("cloud-config" not in volumes, f"{where}: no cloud config mounted unless asked")
     bad = [f"--{k}: want {w!r}, got {a.get(k)!r}" for k, w in want.items() if a.get(k) != w]
     report.check(args[0] == "run" and not bad, f"{where}: agent flags match the values" + (f" ({'; '.join(bad)})" if bad else ""))
+
+
+def identity_rule_flags(v: dict) -> dict[str, Any]:
+    """The identity-rule flags both components get from identityRules.*."""
+    rules = v["identityRules"]
+    return {
+        "node-identity": ",".join(rules["nodeIdentities"]) or None,
+        "allow-node-identities": True if rules["allowNodeIdentities"] else None,
+        "allowed-authority": ",".join(rules["allowedAuthorities"]) or None,
+        "same-namespace-secrets": True if rules["sameNamespaceSecrets"] else None,
+    }
 
 
 def check_controller(r: Rendered, report: Report, where: str) -> None:
@@ -698,6 +726,8 @@ def check_controller(r: Rendered, report: Report, where: str) -> None:
     report.check(a.get("log-filter") == v["logging"]["level"] and a.get("log-format") == v["logging"]["format"],
                  f"{where}: controller log flags follow logging.*")
     report.check((a.get("force-namespaced") is True) == bool(v["namespaced"]), f"{where}: controller --force-namespaced follows namespaced")
+    rule_flags = {k: a.get(k) for k in identity_rule_flags(v)}
+    report.check(rule_flags == identity_rule_flags(v), f"{where}: controller identity-rule flags follow identityRules.* ({rule_flags})")
     secret_name = v["controller"]["cloudConfig"]["secretName"] or f"{RELEASE}-cloud-config"
     vols = {vol["name"]: vol for vol in spec["volumes"]}
     report.check(vols.get("cloud-config", {}).get("secret", {}).get("secretName") == secret_name

@@ -21,7 +21,7 @@ use crate::{
     identity::NamespaceRule,
     metrics::{Metrics, ScrapeSource},
     redirect::{self, Redirect, RedirectOptions, cgroup},
-    server::{self, AppState, ServerSettings},
+    server::{self, AppState, ServerSettings, forwarding::ForwardPolicy},
     tokens::{
         FileSecretSource, SecretSource, TokenConfig, TokenService, Upstream, UpstreamObserver,
     },
@@ -191,9 +191,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         NamespaceRule::Cluster
     };
+    let identity_rules = args.identity_rules.rules(
+        rule == NamespaceRule::Namespaced,
+        &args.aad_authority,
+        args.cloud_config_node_identities()
+            .map_err(anyhow::Error::msg)?,
+    );
+    if !identity_rules.node_identities.is_empty() {
+        info!(
+            node_identities = ?identity_rules.node_identities,
+            allowed = identity_rules.allow_node_identities,
+            "the node's own identities"
+        );
+    }
+    let forward = ForwardPolicy::new(args.forward.clone());
+    info!(
+        forward = ?forward.rules().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "IMDS paths forwarded for pods"
+    );
     let token_config = TokenConfig {
         imds_endpoint: args.imds_endpoint.clone(),
         aad_authority: args.aad_authority.clone(),
+        allowed_authorities: identity_rules.extra_authorities.clone(),
         max_entries: args.token_cache_size,
         upstream_concurrency: args.upstream_concurrency,
         ..TokenConfig::default()
@@ -201,6 +220,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = ServerSettings {
         imds_endpoint: args.imds_endpoint.clone(),
         block_instance_metadata: args.block_instance_metadata,
+        forward,
+        identity_rules: identity_rules.clone(),
         assignment_wait: args.assignment_wait,
         max_connections: args.max_connections,
         max_header_bytes: args.max_header_bytes,

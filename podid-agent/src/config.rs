@@ -9,7 +9,12 @@ use std::{
 
 use clap::{Args, ValueEnum};
 
-use crate::redirect::DEFAULT_PIN_ROOT;
+use podid_api::validation::IdentityRuleArgs;
+
+use crate::{
+    redirect::DEFAULT_PIN_ROOT,
+    server::forwarding::{DEFAULT_FORWARD_RULES, ForwardRule},
+};
 
 /// aad-pod-identity's operation modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -104,6 +109,28 @@ pub struct RunArgs {
     #[arg(long, env = "PODID_BLOCK_INSTANCE_METADATA")]
     pub block_instance_metadata: bool,
 
+    /// IMDS paths forwarded for pods besides the token endpoint, each
+    /// `METHOD[|METHOD…] /path/prefix` (comma-separated), or `none`. Any other
+    /// path is answered 404; /metadata/identity is never forwarded.
+    #[arg(
+        long = "forward",
+        env = "PODID_FORWARD",
+        value_delimiter = ',',
+        value_name = "RULE",
+        default_values = DEFAULT_FORWARD_RULES
+    )]
+    pub forward: Vec<ForwardRule>,
+
+    /// The cloud provider config (`/etc/kubernetes/azure.json`), read only
+    /// for the node's own identity (userAssignedIdentityID), which no
+    /// AzureIdentity may name unless --allow-node-identities.
+    #[arg(long, env = "PODID_CLOUD_CONFIG", value_name = "FILE")]
+    pub cloud_config: Option<PathBuf>,
+
+    /// Which AzureIdentity specs are accepted (shared with the other binary).
+    #[command(flatten)]
+    pub identity_rules: IdentityRuleArgs,
+
     /// Standard mode: how long a request waits for an identity that is being
     /// assigned, before answering 503 with Retry-After.
     #[arg(long, env = "PODID_ASSIGNMENT_WAIT", value_parser = humantime::parse_duration, default_value = "5s")]
@@ -175,6 +202,25 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The node identities the cloud config names (`userAssignedIdentityID`,
+    /// the kubelet identity on AKS), if `--cloud-config` is given.
+    pub fn cloud_config_node_identities(&self) -> Result<Vec<String>, String> {
+        let Some(path) = &self.cloud_config else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading --cloud-config {}: {e}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("--cloud-config {} is not JSON: {e}", path.display()))?;
+        Ok(json
+            .get("userAssignedIdentityID")
+            .and_then(serde_json::Value::as_str)
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(|id| vec![id.to_string()])
+            .unwrap_or_default())
+    }
+
     /// `--listen`, or `$NODE_IP:2579`.
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
         self.listen

@@ -13,7 +13,10 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use podid_api::{AzureIdentity, AzureIdentityBinding, POD_LABEL};
+use podid_api::{
+    AzureIdentity, AzureIdentityBinding, POD_LABEL,
+    validation::{IdentityRefusal, IdentityRules, check_identity},
+};
 
 /// How bindings and identities may cross namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,9 +105,23 @@ pub enum NoIdentity {
         selector: String,
         namespace: String,
         detail: String,
+        /// Identities the bindings named that podid's rules refuse.
+        refused: Vec<RefusedIdentity>,
     },
     #[error("the requested identity {requested} is not bound to this workload (bound: {bound})")]
     NotBound { requested: String, bound: String },
+}
+
+/// An identity a binding named, refused by podid's rules
+/// ([`podid_api::validation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedIdentity {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Why.
+    pub refusal: IdentityRefusal,
 }
 
 fn binding_namespace(binding: &AzureIdentityBinding) -> &str {
@@ -121,6 +138,7 @@ fn binding_namespace(binding: &AzureIdentityBinding) -> &str {
 pub fn bound_identities(
     catalog: &dyn IdentityCatalog,
     rule: NamespaceRule,
+    checks: &IdentityRules,
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<Vec<BoundIdentity>, NoIdentity> {
@@ -135,6 +153,7 @@ pub fn bound_identities(
         .sort_by_key(|b| object_key(b.metadata.namespace.as_deref(), b.metadata.name.as_deref()));
     let mut bound = Vec::new();
     let mut skipped = Vec::new();
+    let mut refused = Vec::new();
     for binding in bindings {
         let binding_ns = binding_namespace(&binding).to_string();
         if rule == NamespaceRule::Namespaced && binding_ns != namespace {
@@ -159,11 +178,16 @@ pub fn bound_identities(
             ));
             continue;
         }
-        if identity.spec.kind().is_err() {
+        if let Err(refusal) = check_identity(&identity, checks) {
             skipped.push(format!(
-                "AzureIdentity {binding_ns}/{} has unknown type {}",
-                binding.spec.azure_identity, identity.spec.identity_type
+                "AzureIdentity {binding_ns}/{} is refused: {refusal}",
+                binding.spec.azure_identity
             ));
+            refused.push(RefusedIdentity {
+                namespace: binding_ns.clone(),
+                name: binding.spec.azure_identity.clone(),
+                refusal,
+            });
             continue;
         }
         bound.push(BoundIdentity { identity, binding });
@@ -173,6 +197,7 @@ pub fn bound_identities(
             selector: selector.clone(),
             namespace: namespace.to_string(),
             detail: skipped.join("; "),
+            refused,
         });
     }
     Ok(bound)
@@ -289,8 +314,14 @@ mod tests {
         let catalog = Catalog::default()
             .identity("app", "sql", "c-sql", false)
             .binding("app", "sql-binding", "sql", "sqlpodid");
-        let bound =
-            bound_identities(&catalog, NamespaceRule::Cluster, "app", &labels("sqlpodid")).unwrap();
+        let bound = bound_identities(
+            &catalog,
+            NamespaceRule::Cluster,
+            &IdentityRules::default(),
+            "app",
+            &labels("sqlpodid"),
+        )
+        .unwrap();
         let chosen = choose(&bound, &RequestedIdentity::Any).unwrap();
         assert_eq!(chosen.identity_key(), "app/sql");
         assert_eq!(chosen.binding_key(), "app/sql-binding");
@@ -300,17 +331,35 @@ mod tests {
     fn no_label_no_binding_and_missing_identity_are_definite() {
         let catalog = Catalog::default().binding("app", "b", "ghost", "sqlpodid");
         assert_eq!(
-            bound_identities(&catalog, NamespaceRule::Cluster, "app", &BTreeMap::new())
-                .unwrap_err(),
+            bound_identities(
+                &catalog,
+                NamespaceRule::Cluster,
+                &IdentityRules::default(),
+                "app",
+                &BTreeMap::new()
+            )
+            .unwrap_err(),
             NoIdentity::NoLabel
         );
         assert!(matches!(
-            bound_identities(&catalog, NamespaceRule::Cluster, "app", &labels("other")),
+            bound_identities(
+                &catalog,
+                NamespaceRule::Cluster,
+                &IdentityRules::default(),
+                "app",
+                &labels("other")
+            ),
             Err(NoIdentity::NoBinding { .. })
         ));
-        let err = bound_identities(&catalog, NamespaceRule::Cluster, "app", &labels("sqlpodid"))
-            .unwrap_err()
-            .to_string();
+        let err = bound_identities(
+            &catalog,
+            NamespaceRule::Cluster,
+            &IdentityRules::default(),
+            "app",
+            &labels("sqlpodid"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 
@@ -324,6 +373,7 @@ mod tests {
             bound_identities(
                 &catalog,
                 NamespaceRule::Cluster,
+                &IdentityRules::default(),
                 "team-b",
                 &labels("shared")
             )
@@ -333,6 +383,7 @@ mod tests {
         let err = bound_identities(
             &catalog,
             NamespaceRule::Namespaced,
+            &IdentityRules::default(),
             "team-b",
             &labels("shared"),
         )
@@ -345,6 +396,7 @@ mod tests {
         let err = bound_identities(
             &annotated,
             NamespaceRule::Cluster,
+            &IdentityRules::default(),
             "team-b",
             &labels("shared"),
         )
@@ -354,6 +406,7 @@ mod tests {
             bound_identities(
                 &annotated,
                 NamespaceRule::Cluster,
+                &IdentityRules::default(),
                 "team-a",
                 &labels("shared")
             )
@@ -368,8 +421,14 @@ mod tests {
             .identity("app", "b", "bbbb", false)
             .binding("app", "zz-binding", "a", "sel")
             .binding("app", "aa-binding", "b", "sel");
-        let bound =
-            bound_identities(&catalog, NamespaceRule::Cluster, "app", &labels("sel")).unwrap();
+        let bound = bound_identities(
+            &catalog,
+            NamespaceRule::Cluster,
+            &IdentityRules::default(),
+            "app",
+            &labels("sel"),
+        )
+        .unwrap();
         // Deterministic default: binding app/aa-binding sorts first → identity b.
         assert_eq!(
             choose(&bound, &RequestedIdentity::Any)

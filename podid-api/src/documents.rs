@@ -136,15 +136,8 @@ fn validate(index: usize, doc: &Document) -> Result<(), DocumentError> {
                     "metadata.name is required".into(),
                 ));
             }
-            if let Err(e) = identity.spec.kind() {
-                return Err(reject("AzureIdentity", &name, e.to_string()));
-            }
-            if identity.spec.client_id.is_empty() && identity.spec.resource_id.is_empty() {
-                return Err(reject(
-                    "AzureIdentity",
-                    &name,
-                    "spec.clientID or spec.resourceID is required".into(),
-                ));
+            if let Err(refusal) = crate::validation::check_shape(identity) {
+                return Err(reject("AzureIdentity", &name, refusal.to_string()));
             }
         }
         Document::Binding(binding) => {
@@ -265,6 +258,10 @@ spec:
             (
                 "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 7, clientID: a}\n",
                 "unknown AzureIdentity type 7",
+            ),
+            (
+                "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata: {name: x}\nspec: {type: 0}\n",
+                "must name itself by clientID or resourceID",
             ),
             (
                 "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata: {name: b}\nspec: {azureIdentity: x}\n",

@@ -14,6 +14,7 @@ mod documents;
 mod exception;
 mod identity;
 mod local;
+pub mod validation;
 
 pub use assigned::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity,

@@ -144,9 +144,15 @@ pub(crate) async fn run_cycle(ctx: &Context, trigger: CycleTrigger) -> Result<Cy
         &snapshot.bindings,
         &snapshot.identities,
         ctx.config.force_namespaced,
+        &ctx.config.identity_rules,
     );
     for skipped in &desired.skipped {
         tracing::debug!(pod = %skipped.pod, binding = %skipped.binding, reason = ?skipped.reason, "binding does not apply");
+        if let (Some(identity), desired::SkipReason::Refused(refusal)) =
+            (&skipped.identity, &skipped.reason)
+        {
+            ctx.events.identity_refused(identity, refusal);
+        }
     }
     report.desired = desired.assignments.len();
     let plan = plan::plan(

@@ -10,6 +10,7 @@ use std::{
 };
 
 use clap::{ArgAction, Parser, ValueEnum};
+use podid_api::validation::{IdentityRuleArgs, IdentityRules};
 use serde::Deserialize;
 use url::Url;
 
@@ -75,6 +76,10 @@ pub struct Args {
     /// namespaced`).
     #[arg(long, env = "PODID_FORCE_NAMESPACED")]
     pub force_namespaced: bool,
+
+    /// Which AzureIdentity specs are accepted (shared with the other binary).
+    #[command(flatten)]
+    pub identity_rules: IdentityRuleArgs,
 
     /// Elect a leader through a coordination.k8s.io Lease; only the leader
     /// acts and reports ready. `--leader-elect=false` for a single replica.
@@ -335,6 +340,8 @@ pub fn cloud_endpoints(cloud: &str) -> (&'static str, &'static str) {
 pub struct ControllerConfig {
     /// Namespaced mode for every identity.
     pub force_namespaced: bool,
+    /// Which AzureIdentity specs may be assigned (the agent's rules).
+    pub identity_rules: IdentityRules,
     /// Lower-cased client IDs never removed (immutable + cluster identity).
     pub protected_client_ids: HashSet<String>,
     /// Full cycle at least this often.
@@ -364,6 +371,7 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
             force_namespaced: false,
+            identity_rules: IdentityRules::default(),
             protected_client_ids: HashSet::new(),
             sync_interval: Duration::from_secs(3600),
             reconcile_interval: Duration::from_secs(180),
@@ -405,8 +413,14 @@ impl Args {
         if !cloud.user_assigned_identity_id.is_empty() {
             protected.insert(cloud.user_assigned_identity_id.to_ascii_lowercase());
         }
+        let identity_rules = self.identity_rules.rules(
+            self.force_namespaced,
+            self.aad_authority.as_ref().map_or("", Url::as_str),
+            [cloud.user_assigned_identity_id.clone()],
+        );
         ControllerConfig {
             force_namespaced: self.force_namespaced,
+            identity_rules,
             protected_client_ids: protected,
             sync_interval: self.sync_interval,
             reconcile_interval: self.reconcile_interval,

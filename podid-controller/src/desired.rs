@@ -10,8 +10,9 @@
 //! - in namespaced mode (`--force-namespaced`, or the identity's
 //!   `aadpodidentity.k8s.io/Behavior: namespaced` annotation) pod, binding
 //!   and identity must share a namespace;
-//! - a user-assigned identity (type 0) with a malformed `resourceID` is
-//!   skipped;
+//! - an identity podid's rules refuse ([`podid_api::validation`], the same
+//!   rules the agent applies) is skipped, and so is a user-assigned
+//!   identity (type 0) without a `resourceID`, which cannot be assigned;
 //! - the object is named `<pod>-<podNamespace>-<identity>` and lives in the
 //!   identity's namespace in namespaced mode, else in `default`; when two
 //!   assignments get the same name the first wins (MIC #1065).
@@ -27,6 +28,7 @@ use podid_api::{
     ASSIGNED_IDENTITY_FINALIZER, AssignedIdentityState, AzureAssignedIdentity,
     AzureAssignedIdentitySpec, AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding,
     IdentityType, NODENAME_LABEL, POD_LABEL,
+    validation::{IdentityRefusal, IdentityRules, check_identity, is_user_assigned_identity_id},
 };
 
 /// Namespace of assignments outside namespaced mode (MIC's choice).
@@ -56,10 +58,11 @@ pub struct DesiredAssignment {
 pub enum SkipReason {
     /// The binding names an identity that does not exist in its namespace.
     IdentityNotFound,
-    /// A user-assigned identity whose `resourceID` is not an identity's ARM ID.
-    InvalidResourceId,
-    /// `spec.type` is not 0, 1 or 2.
-    UnknownType,
+    /// A user-assigned identity without a `resourceID` (only a `clientID`):
+    /// nothing to assign; managed mode's way of naming an identity.
+    NoResourceId,
+    /// The identity breaks podid's rules.
+    Refused(IdentityRefusal),
     /// Namespaced mode, and the pod is in another namespace.
     NamespaceMismatch,
     /// Another assignment already has this name.
@@ -73,6 +76,8 @@ pub struct Skipped {
     pub pod: String,
     /// `namespace/name` of the binding.
     pub binding: String,
+    /// The identity, when the skip is its fault ([`SkipReason::Refused`]).
+    pub identity: Option<Arc<AzureIdentity>>,
     /// Why.
     pub reason: SkipReason,
 }
@@ -92,6 +97,7 @@ pub fn compute(
     bindings: &[Arc<AzureIdentityBinding>],
     identities: &[Arc<AzureIdentity>],
     force_namespaced: bool,
+    rules: &IdentityRules,
 ) -> DesiredState {
     let mut by_selector: HashMap<&str, Vec<&Arc<AzureIdentityBinding>>> = HashMap::new();
     for binding in bindings {
@@ -149,6 +155,7 @@ pub fn compute(
             let skip = |reason| Skipped {
                 pod: format!("{pod_ns}/{pod_name}"),
                 binding: format!("{binding_ns}/{}", binding.name_any()),
+                identity: None,
                 reason,
             };
             let Some(identity) = by_name
@@ -158,18 +165,18 @@ pub fn compute(
                 out.skipped.push(skip(SkipReason::IdentityNotFound));
                 continue;
             };
-            match identity.spec.kind() {
-                Ok(IdentityType::UserAssignedMsi) => {
-                    if !is_user_assigned_identity_id(&identity.spec.resource_id) {
-                        out.skipped.push(skip(SkipReason::InvalidResourceId));
-                        continue;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    out.skipped.push(skip(SkipReason::UnknownType));
-                    continue;
-                }
+            if let Err(refusal) = check_identity(identity, rules) {
+                out.skipped.push(Skipped {
+                    identity: Some(identity.clone()),
+                    ..skip(SkipReason::Refused(refusal))
+                });
+                continue;
+            }
+            if identity.spec.kind() == Ok(IdentityType::UserAssignedMsi)
+                && identity.spec.resource_id.is_empty()
+            {
+                out.skipped.push(skip(SkipReason::NoResourceId));
+                continue;
             }
             let namespaced = force_namespaced || identity.is_namespaced();
             if namespaced && binding_ns != pod_ns {
@@ -214,23 +221,6 @@ fn scheduled_node(pod: &Pod) -> Option<&str> {
         return None;
     }
     Some(node)
-}
-
-/// Whether `id` has the shape of a user-assigned identity's ARM ID:
-/// `/subscriptions/S/resourcegroups/RG/providers/Microsoft.ManagedIdentity/userAssignedIdentities/NAME`
-/// (case-insensitive), as MIC checks before assigning.
-pub fn is_user_assigned_identity_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix('/') else {
-        return false;
-    };
-    let parts: Vec<&str> = rest.split('/').collect();
-    parts.len() == 8
-        && parts.iter().all(|p| !p.is_empty())
-        && parts[0].eq_ignore_ascii_case("subscriptions")
-        && parts[2].eq_ignore_ascii_case("resourcegroups")
-        && parts[4].eq_ignore_ascii_case("providers")
-        && parts[5].eq_ignore_ascii_case("Microsoft.ManagedIdentity")
-        && parts[6].eq_ignore_ascii_case("userAssignedIdentities")
 }
 
 impl DesiredAssignment {
@@ -399,6 +389,7 @@ mod tests {
             &[binding("app", "web-binding", "web-id", "web")],
             &[identity("app", "web-id", "7")],
             false,
+            &IdentityRules::default(),
         );
         assert_eq!(names(&state), ["default/web-0-app-web-id"]);
         let a = &state.assignments[0];
@@ -433,6 +424,7 @@ mod tests {
             &bindings,
             &identities,
             false,
+            &IdentityRules::default(),
         );
         assert!(state.assignments.is_empty(), "{:?}", names(&state));
     }
@@ -444,6 +436,7 @@ mod tests {
             &[binding("team", "b", "id", "sel")],
             &[identity("app", "id", "1")],
             false,
+            &IdentityRules::default(),
         );
         assert!(state.assignments.is_empty());
         assert_eq!(state.skipped[0].reason, SkipReason::IdentityNotFound);
@@ -454,17 +447,35 @@ mod tests {
         let pods = [pod("app", "p", Some("n"), Some("sel"), "Running")];
         let bindings = [binding("team", "b", "id", "sel")];
         let identities = [identity("team", "id", "1")];
-        let open = compute(&pods, &bindings, &identities, false);
+        let open = compute(
+            &pods,
+            &bindings,
+            &identities,
+            false,
+            &IdentityRules::default(),
+        );
         assert_eq!(names(&open), ["default/p-app-id"]);
 
-        let forced = compute(&pods, &bindings, &identities, true);
+        let forced = compute(
+            &pods,
+            &bindings,
+            &identities,
+            true,
+            &IdentityRules::default(),
+        );
         assert!(forced.assignments.is_empty());
         assert_eq!(forced.skipped[0].reason, SkipReason::NamespaceMismatch);
 
         let mut annotated = (*identities[0]).clone();
         annotated.metadata.annotations =
             Some([(BEHAVIOR_ANNOTATION.to_string(), "namespaced".to_string())].into());
-        let by_annotation = compute(&pods, &bindings, &[Arc::new(annotated)], false);
+        let by_annotation = compute(
+            &pods,
+            &bindings,
+            &[Arc::new(annotated)],
+            false,
+            &IdentityRules::default(),
+        );
         assert!(by_annotation.assignments.is_empty());
     }
 
@@ -475,6 +486,7 @@ mod tests {
             &[binding("team", "b", "id", "sel")],
             &[identity("team", "id", "1")],
             true,
+            &IdentityRules::default(),
         );
         assert_eq!(names(&state), ["team/p-team-id"]);
     }
@@ -494,6 +506,7 @@ mod tests {
                 identity("app", "other", "1"),
             ],
             false,
+            &IdentityRules::default(),
         );
         assert_eq!(names(&state), ["default/p-app-id", "default/p-app-other"]);
         let first = state
@@ -515,6 +528,11 @@ mod tests {
         let mut sp = (*identity("app", "sp", "1")).clone();
         sp.spec.identity_type = 1;
         sp.spec.resource_id.clear();
+        sp.spec.tenant_id = "tenant".into();
+        sp.spec.client_password = Some(podid_api::SecretReference {
+            name: "sp".into(),
+            namespace: String::new(),
+        });
         let state = compute(
             &[pod("app", "p", Some("n"), Some("sel"), "Running")],
             &[
@@ -523,29 +541,47 @@ mod tests {
             ],
             &[Arc::new(bad), Arc::new(sp)],
             false,
+            &IdentityRules::default(),
         );
         assert_eq!(names(&state), ["default/p-app-sp"]);
         assert!(!state.assignments[0].needs_arm());
-        assert_eq!(state.skipped[0].reason, SkipReason::InvalidResourceId);
+        assert!(matches!(
+            state.skipped[0].reason,
+            SkipReason::Refused(IdentityRefusal::InvalidResourceId(_))
+        ));
     }
 
     #[test]
-    fn resource_id_shape() {
-        assert!(is_user_assigned_identity_id(&uami("s", "x")));
-        assert!(is_user_assigned_identity_id(
-            "/SUBSCRIPTIONS/s/RESOURCEGROUPS/rg/PROVIDERS/microsoft.managedidentity/USERASSIGNEDIDENTITIES/x"
-        ));
-        assert!(!is_user_assigned_identity_id(""));
-        assert!(!is_user_assigned_identity_id(
-            "subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x"
-        ));
-        assert!(!is_user_assigned_identity_id(&format!(
-            "{}/extra",
-            uami("s", "x")
-        )));
-        assert!(!is_user_assigned_identity_id(
-            "/subscriptions//resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x"
-        ));
+    fn identities_the_rules_refuse_are_skipped_and_named() {
+        let mut names_nothing = (*identity("app", "nothing", "1")).clone();
+        names_nothing.spec.resource_id.clear();
+        names_nothing.spec.client_id.clear();
+        let kubelet = identity("app", "kubelet", "1");
+        let rules = IdentityRules {
+            node_identities: vec![kubelet.spec.resource_id.to_uppercase()],
+            ..IdentityRules::default()
+        };
+        let state = compute(
+            &[pod("app", "p", Some("n"), Some("sel"), "Running")],
+            &[
+                binding("app", "b1", "nothing", "sel"),
+                binding("app", "b2", "kubelet", "sel"),
+            ],
+            &[Arc::new(names_nothing), kubelet],
+            false,
+            &rules,
+        );
+        assert!(state.assignments.is_empty());
+        let kinds: Vec<&str> = state
+            .skipped
+            .iter()
+            .map(|s| match &s.reason {
+                SkipReason::Refused(refusal) => refusal.kind(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["no_selector", "node_identity"]);
+        assert!(state.skipped.iter().all(|s| s.identity.is_some()));
     }
 
     #[test]
@@ -555,6 +591,7 @@ mod tests {
             &[binding("app", "b", "id", "sel")],
             &[identity("app", "id", "1")],
             false,
+            &IdentityRules::default(),
         );
         let old = state.assignments[0].to_object(AssignedIdentityState::Assigned);
         let changed = compute(
@@ -562,6 +599,7 @@ mod tests {
             &[binding("app", "b", "id", "sel")],
             &[identity("app", "id", "2")],
             false,
+            &IdentityRules::default(),
         );
         assert!(!changed.assignments[0].matches(&old));
         let moved = compute(
@@ -569,6 +607,7 @@ mod tests {
             &[binding("app", "b", "id", "sel")],
             &[identity("app", "id", "1")],
             false,
+            &IdentityRules::default(),
         );
         assert!(!moved.assignments[0].matches(&old));
     }
@@ -581,12 +620,24 @@ mod tests {
         ];
         let bindings = [binding("a", "b", "id", "s"), binding("b", "b", "id", "s")];
         let identities = [identity("a", "id", "1"), identity("b", "id", "1")];
-        let one = compute(&pods, &bindings, &identities, false);
+        let one = compute(
+            &pods,
+            &bindings,
+            &identities,
+            false,
+            &IdentityRules::default(),
+        );
         let mut pods_rev = pods.to_vec();
         pods_rev.reverse();
         let mut bindings_rev = bindings.to_vec();
         bindings_rev.reverse();
-        let two = compute(&pods_rev, &bindings_rev, &identities, false);
+        let two = compute(
+            &pods_rev,
+            &bindings_rev,
+            &identities,
+            false,
+            &IdentityRules::default(),
+        );
         assert_eq!(names(&one), names(&two));
         let binding_of = |s: &DesiredState| {
             s.assignments

@@ -7,17 +7,29 @@ use kube::{
     Client, Resource,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
-use podid_api::AzureIdentityBinding;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
+
+use podid_api::{AzureIdentity, AzureIdentityBinding, validation::IdentityRefusal};
+
+/// An identity object's uid, resourceVersion and refusal kind.
+type RefusedKey = (String, String, &'static str);
 
 /// Publishes events without blocking the cycle.
 #[derive(Clone)]
 pub(crate) struct Events {
     recorder: Recorder,
+    /// (uid, resourceVersion, reason) of identities already reported as
+    /// refused: one Event per version of the object, not one per cycle.
+    refused: Arc<Mutex<HashSet<RefusedKey>>>,
 }
 
 impl Events {
     pub(crate) fn new(client: Client, controller: &str, instance: &str) -> Self {
         Events {
+            refused: Arc::default(),
             recorder: Recorder::new(
                 client,
                 Reporter {
@@ -64,6 +76,45 @@ impl Events {
                 note: Some(note),
                 action: "AssignIdentity".into(),
                 secondary: Some(pod_ref),
+            },
+        );
+    }
+
+    /// An identity breaks podid's rules: a Warning on it, once per version
+    /// of the object. Nothing is assigned for it.
+    pub(crate) fn identity_refused(&self, identity: &AzureIdentity, refusal: &IdentityRefusal) {
+        let key = (
+            identity.metadata.uid.clone().unwrap_or_default(),
+            identity
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default(),
+            refusal.kind(),
+        );
+        {
+            let mut seen = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= 10_000 {
+                seen.clear();
+            }
+            if !seen.insert(key) {
+                return;
+            }
+        }
+        let note: String = format!(
+            "podid assigns this AzureIdentity to no node and gives no pod a token for it: {refusal}"
+        )
+        .chars()
+        .take(1000)
+        .collect();
+        self.publish(
+            identity.object_ref(&()),
+            Event {
+                type_: EventType::Warning,
+                reason: "IdentityRefused".into(),
+                note: Some(note),
+                action: "AssignIdentity".into(),
+                secondary: None,
             },
         );
     }

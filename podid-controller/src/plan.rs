@@ -421,7 +421,13 @@ mod tests {
             self.pods.push(Arc::new(p));
         }
         fn desired(&self) -> DesiredState {
-            desired::compute(&self.pods, &self.bindings, &self.identities, false)
+            desired::compute(
+                &self.pods,
+                &self.bindings,
+                &self.identities,
+                false,
+                &podid_api::validation::IdentityRules::default(),
+            )
         }
         fn plan(
             &self,

@@ -13,7 +13,7 @@ use std::{
 use podid_agent::audit::AuditRecord;
 
 use crate::{
-    emulator::IssuedRecord,
+    emulator::{EmulatorHandle, Endpoint, IssuedRecord, is_node_token},
     harness::{METRICS_ADDR, http_get, token_leaks},
 };
 
@@ -150,6 +150,42 @@ impl<'a> AgentFiles<'a> {
 }
 
 /// Fails the test if the hygiene scan found leaks.
+/// What of the node's own identity the emulator handed out: tokens for its
+/// system-assigned identity, and any request that reached its "managed
+/// identity v2" credential endpoints. One line each.
+pub fn node_identity_grants(emulator: &EmulatorHandle) -> Vec<String> {
+    let tokens = emulator
+        .issued_tokens()
+        .into_iter()
+        .filter(|t| is_node_token(&t.access_token))
+        .map(|t| {
+            format!(
+                "a token of the node's identity {} for {}",
+                t.client_id, t.resource
+            )
+        });
+    let credentials = emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Endpoint::ImdsCredential)
+        .map(|r| {
+            format!(
+                "a request to IMDS's credential endpoints (answered {})",
+                r.status
+            )
+        });
+    tokens.chain(credentials).collect()
+}
+
+/// Panics unless `grants` ([`node_identity_grants`]) is empty.
+pub fn assert_no_node_identity(grants: &[String]) {
+    assert!(
+        grants.is_empty(),
+        "the node's own identity was handed out:\n{}",
+        grants.join("\n")
+    );
+}
+
 pub fn assert_no_leaks(leaks: &[String]) {
     assert!(
         leaks.is_empty(),

@@ -22,7 +22,10 @@ use podid_agent::audit::AuditRecord;
 
 use crate::{
     IMDS,
-    agent_files::{AgentFiles, assert_no_leaks, scrape_metrics, scratch_dir},
+    agent_files::{
+        AgentFiles, assert_no_leaks, assert_no_node_identity, node_identity_grants, scrape_metrics,
+        scratch_dir,
+    },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, IssuedRecord},
     privileged::{
         BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, run_ok, workspace_binary,
@@ -66,6 +69,10 @@ pub struct HarnessOptions {
     pub nofile_soft_limit: Option<u64>,
     /// The agent's log filter (`PODID_LOG`), `info` when `None`.
     pub log_filter: Option<String>,
+    /// The test hands out the node's own identity on purpose (exception
+    /// pods); otherwise dropping the harness fails if any token of the
+    /// node's identity, or its credential, was issued.
+    pub node_identity_expected: bool,
 }
 
 /// A running harness.
@@ -441,10 +448,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 impl Drop for AgentHarness {
     fn drop(&mut self) {
-        let leaks = if std::thread::panicking() {
-            Vec::new()
+        let (leaks, grants) = if std::thread::panicking() {
+            (Vec::new(), Vec::new())
+        } else if self.options.node_identity_expected {
+            (self.secrets_leaks(), Vec::new())
         } else {
-            self.secrets_leaks()
+            (self.secrets_leaks(), node_identity_grants(&self.emulator))
         };
         self.kill_agent();
         if std::thread::panicking() {
@@ -452,6 +461,7 @@ impl Drop for AgentHarness {
         }
         let _ = fs::remove_dir_all(&self.dir);
         assert_no_leaks(&leaks);
+        assert_no_node_identity(&grants);
     }
 }
 

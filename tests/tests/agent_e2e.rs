@@ -582,19 +582,23 @@ fn instance_metadata_is_proxied_or_blocked() {
         let (status, body, report) = probe_json(&spec, &harness, "apps/reporting");
         assert_eq!(status, 200, "{report}");
         assert!(body["compute"]["vmId"].is_string(), "{report}");
-        // An unknown path: IMDS's own 404, forwarded.
+        // A path not on the forwarding allowlist: 404 from the agent, in
+        // IMDS's error shape, and nothing goes upstream.
         let missing = ProbeSpec {
             http_path: Some("/doesnotexist".into()),
             ..spec.clone()
         };
-        let (status, _, _) = probe_json(&missing, &harness, "apps/reporting");
+        let (status, body, _) = probe_json(&missing, &harness, "apps/reporting");
         assert_eq!(status, 404);
+        assert_eq!(body["error"], "not_found", "{body}");
         // Unattributed callers are not forwarded.
         let (status, _, _) = probe_json(&spec, &harness, "apps/stranger");
         assert_eq!(status, 403);
         assert_eq!(harness.emulator.calls_to(Endpoint::Instance), 1);
         let records = harness.audit_records(3);
         assert_eq!(records[0].outcome, Outcome::Proxied);
+        assert_eq!(records[1].outcome, Outcome::Blocked);
+        assert_eq!(records[1].pod, "reporting", "blocked requests are attributed too");
     }
     let (harness, _) = harness(&["--block-instance-metadata"]);
     let (status, body, _) = probe_json(&spec, &harness, "apps/reporting");

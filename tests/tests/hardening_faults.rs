@@ -471,7 +471,7 @@ fn api_server_watch_drops_and_outages_never_cross_identities() {
         agent_args: ["--mode", "managed", "--pod-wait", "1s"]
             .map(String::from)
             .to_vec(),
-        node_taints: Vec::new(),
+        ..KubeNodeSpec::default()
     });
     let tally = Tally::default();
     for (name, identity) in [("alpha", &alpha_id), ("beta", &beta_id)] {

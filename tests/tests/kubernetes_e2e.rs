@@ -13,11 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1::Node, events::v1::Event as K8sEvent};
+use k8s_openapi::api::{
+    core::v1::{Node, Secret},
+    events::v1::Event as K8sEvent,
+};
 use podid_agent::audit::{AuditRecord, Outcome};
 use podid_api::{
     AssignedIdentityState, AzureAssignedIdentity, AzureAssignedIdentitySpec,
-    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, NODENAME_LABEL,
+    AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
+    AzureIdentitySpec, AzurePodIdentityException, AzurePodIdentityExceptionSpec, NODENAME_LABEL,
+    SecretReference,
 };
 use podid_tests::{
     emulator::{EmulatorConfig, ManagedIdentity, token_claims},
@@ -133,6 +138,7 @@ fn python_sdk_gets_its_pods_token_attributed_from_the_kernel_record() {
             (TAINT.into(), "NoSchedule".into()),
             ("dedicated".into(), "NoSchedule".into()),
         ],
+        ..KubeNodeSpec::default()
     });
     let (identity, binding) = seed_objects(&sql);
     let sql_container = container_id('5');
@@ -274,7 +280,7 @@ fn standard_mode_answers_retry_until_the_controller_assigns_the_identity() {
     let mut harness = KubeNodeHarness::new(KubeNodeSpec {
         emulator: EmulatorConfig::default().with_user_assigned(sql.clone()),
         agent_args: ["--assignment-wait", "1s"].map(String::from).to_vec(),
-        node_taints: Vec::new(),
+        ..KubeNodeSpec::default()
     });
     let (identity, binding) = seed_objects(&sql);
     let sql_container = container_id('7');
@@ -321,4 +327,213 @@ fn standard_mode_answers_retry_until_the_controller_assigns_the_identity() {
         (issued.pod_uid.as_str(), issued.container.as_str()),
         (SQL_UID, "app")
     );
+}
+
+#[test]
+fn refused_identities_are_audited_reported_on_the_object_and_never_read() {
+    if !preconditions_met("refused_identities_are_audited_reported_on_the_object_and_never_read") {
+        return;
+    }
+    let mut harness = KubeNodeHarness::new(KubeNodeSpec {
+        agent_args: ["--mode", "managed"].map(String::from).to_vec(),
+        ..KubeNodeSpec::default()
+    });
+    // A user-assigned identity that names no identity: the CRD allows it,
+    // IMDS would answer it with the node's own identity.
+    let mut names_nothing = AzureIdentity::new("names-nothing", AzureIdentitySpec::default());
+    names_nothing.metadata.namespace = Some("demo".into());
+    // A service principal in demo whose Secret is team-b's, which exists.
+    let mut borrowed = AzureIdentity::new(
+        "borrowed",
+        AzureIdentitySpec {
+            identity_type: 1,
+            client_id: "2f6d1c1e-8a55-4c4e-9d8b-0c1f2e3d4a5b".into(),
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            client_password: Some(SecretReference {
+                name: "sp".into(),
+                namespace: "team-b".into(),
+            }),
+            ..AzureIdentitySpec::default()
+        },
+    );
+    borrowed.metadata.namespace = Some("demo".into());
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "sp", "namespace": "team-b"},
+        "stringData": {"clientSecret": "team-b-only"},
+    }))
+    .expect("a Secret");
+    harness.api.apply(&secret);
+    let mut containers = Vec::new();
+    for (n, (identity, uid)) in [
+        (&names_nothing, "11111111-2222-4333-8444-555555555551"),
+        (&borrowed, "11111111-2222-4333-8444-555555555552"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = identity.metadata.name.clone().unwrap_or_default();
+        let mut binding = AzureIdentityBinding::new(
+            &name,
+            AzureIdentityBindingSpec {
+                azure_identity: name.clone(),
+                selector: name.clone(),
+                weight: None,
+            },
+        );
+        binding.metadata.namespace = Some("demo".into());
+        harness.api.apply(identity);
+        harness.api.apply(&binding);
+        let container = container_id(char::from(b'b' + n as u8));
+        harness.api.apply(&running_pod(
+            "demo",
+            &format!("{name}-pod"),
+            uid,
+            &name,
+            "app",
+            &container,
+        ));
+        containers.push((name, uid, container));
+    }
+    harness.start_agent();
+    harness.api.clear_calls();
+
+    for (name, uid, container) in &containers {
+        let cgroup =
+            harness.pod_cgroup(PodCgroupLayout::SystemdBurstableContainerd, uid, container);
+        let result = run_client_json(python_client(None, SCOPE), &cgroup, Duration::from_secs(60));
+        assert!(result["token"].is_null(), "{name}: {result}");
+        let records = harness.audit_records(1);
+        let refused = record_for(&records, &format!("{name}-pod"), Outcome::IdentityRefused)
+            .unwrap_or_else(|| panic!("{name}: no refusal record: {records:?}"));
+        assert_eq!(refused.status, 400);
+        let event = wait_for("the IdentityRefused Event", Duration::from_secs(10), || {
+            harness.api.list::<K8sEvent>().into_iter().find(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("AzureIdentity")
+            })
+        });
+        assert_eq!(event.reason.as_deref(), Some("IdentityRefused"));
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        let note = event.note.unwrap_or_default();
+        assert!(note.starts_with("podid gives no pod a token"), "{note}");
+    }
+    let reasons: Vec<String> = harness
+        .audit_records(2)
+        .into_iter()
+        .filter(|r| r.outcome == Outcome::IdentityRefused)
+        .map(|r| r.reason)
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("must name itself by clientID or resourceID")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("team-b/sp, outside the identity's namespace demo")),
+        "{reasons:?}"
+    );
+    let secret_reads: Vec<_> = harness
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c.resource == "secrets")
+        .collect();
+    assert!(
+        secret_reads.is_empty(),
+        "a Secret was read: {secret_reads:?}"
+    );
+    assert_eq!(
+        harness
+            .emulator
+            .calls_to(podid_tests::emulator::Endpoint::Imds),
+        0,
+        "nothing was asked of IMDS"
+    );
+}
+
+#[test]
+fn only_exception_pods_get_the_node_identity_and_it_is_audited_as_such() {
+    if !preconditions_met("only_exception_pods_get_the_node_identity_and_it_is_audited_as_such") {
+        return;
+    }
+    let mut harness = KubeNodeHarness::new(KubeNodeSpec {
+        agent_args: ["--mode", "managed"].map(String::from).to_vec(),
+        node_identity_expected: true,
+        ..KubeNodeSpec::default()
+    });
+    let node = harness
+        .emulator
+        .system_assigned()
+        .expect("the emulated VM has its own identity");
+    let mut exception = AzurePodIdentityException::new(
+        "node-addons",
+        AzurePodIdentityExceptionSpec {
+            pod_labels: [("app".to_string(), "node-addon".to_string())].into(),
+        },
+    );
+    exception.metadata.namespace = Some("kube-system".into());
+    harness.api.apply(&exception);
+    let addon_uid = "22222222-3333-4444-8555-666666666661";
+    let lookalike_uid = "22222222-3333-4444-8555-666666666662";
+    for (namespace, name, uid, container) in [
+        ("kube-system", "addon", addon_uid, container_id('c')),
+        ("demo", "lookalike", lookalike_uid, container_id('d')),
+    ] {
+        let mut pod = running_pod(namespace, name, uid, "unbound", "app", &container);
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("app".into(), "NODE-ADDON".into());
+        harness.api.apply(&pod);
+    }
+    harness.start_agent();
+
+    let cgroup = harness.pod_cgroup(
+        PodCgroupLayout::SystemdBurstableContainerd,
+        addon_uid,
+        &container_id('c'),
+    );
+    let result = run_client_json(python_client(None, SCOPE), &cgroup, Duration::from_secs(60));
+    let token = result["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the exception pod gets the node identity: {result}"));
+    assert!(podid_tests::emulator::is_node_token(token));
+    assert_eq!(
+        token_claims(token).expect("emulator token")["appid"],
+        node.client_id.as_str()
+    );
+    let records = harness.audit_records(1);
+    let issued = record_for(&records, "addon", Outcome::Issued)
+        .unwrap_or_else(|| panic!("no issued record: {records:?}"));
+    assert_eq!(issued.identity, "node");
+    assert!(
+        issued.reason.contains("AzurePodIdentityException"),
+        "{}",
+        issued.reason
+    );
+
+    // The same label in another namespace is no exception (exceptions are
+    // per namespace), and the pod has no binding.
+    let cgroup = harness.pod_cgroup(
+        PodCgroupLayout::SystemdBurstableContainerd,
+        lookalike_uid,
+        &container_id('d'),
+    );
+    let result = run_client_json(python_client(None, SCOPE), &cgroup, Duration::from_secs(60));
+    assert!(result["token"].is_null(), "{result}");
+    let records = harness.audit_records(2);
+    assert!(
+        record_for(&records, "lookalike", Outcome::IdentityNotFound).is_some(),
+        "{records:?}"
+    );
+    let node_tokens = harness
+        .emulator
+        .issued_tokens()
+        .into_iter()
+        .filter(|t| podid_tests::emulator::is_node_token(&t.access_token))
+        .count();
+    assert_eq!(node_tokens, 1, "exactly the exception pod's");
 }

@@ -19,6 +19,9 @@ pub enum Outcome {
     Unattributed,
     /// No usable identity for the workload, or not the one requested (400).
     IdentityNotFound,
+    /// The bound AzureIdentity breaks podid's rules (no selector, a foreign
+    /// Secret, an unknown authority, the node's own identity; 400).
+    IdentityRefused,
     /// The identity is still being assigned to the node (retryable).
     AssignmentPending,
     /// Upstream (IMDS or Entra ID) failed, or a secret was missing.
@@ -39,6 +42,7 @@ impl Outcome {
             Outcome::InvalidRequest => "invalid_request",
             Outcome::Unattributed => "unattributed",
             Outcome::IdentityNotFound => "identity_not_found",
+            Outcome::IdentityRefused => "identity_refused",
             Outcome::AssignmentPending => "assignment_pending",
             Outcome::UpstreamError => "upstream_error",
             Outcome::Proxied => "proxied",

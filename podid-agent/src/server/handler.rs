@@ -9,19 +9,24 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use podid_api::{AzureIdentity, IdentityType};
 use tracing::{Instrument, debug_span};
+
+use podid_api::validation::IdentityRules;
 
 use super::{
     AppState, Connection,
+    forwarding::{ForwardPolicy, Forwarding},
     imds::{self, ImdsError, Route},
 };
 use crate::{
     audit::{AuditRecord, CacheUse, Outcome},
-    identity::{RequestedIdentity, bound_identities, choose},
-    tokens::{CacheStatus, Credential, SecretRef},
+    identity::{NoIdentity, RequestedIdentity, bound_identities, choose},
+    tokens::{CacheStatus, Credential, ImdsSelector},
     workloads::{Assignment, Unattributed, Workload, WorkloadSource},
 };
+
+/// The `identity` of audit records for exception pods' node identity.
+pub(crate) const NODE_IDENTITY: &str = "node";
 
 /// Behaviour switches and limits of the endpoint.
 #[derive(Debug, Clone)]
@@ -30,6 +35,10 @@ pub struct ServerSettings {
     pub imds_endpoint: String,
     /// Answer `/metadata/instance` with 403 instead of proxying it.
     pub block_instance_metadata: bool,
+    /// Which other IMDS paths are forwarded, with which methods.
+    pub forward: ForwardPolicy,
+    /// Which AzureIdentity specs may be used.
+    pub identity_rules: IdentityRules,
     /// Standard mode: how long to wait for an assignment in progress.
     pub assignment_wait: Duration,
     /// Connections served at once; more are answered 503 at once.
@@ -49,6 +58,8 @@ impl Default for ServerSettings {
         Self {
             imds_endpoint: "http://169.254.169.254".into(),
             block_instance_metadata: false,
+            forward: ForwardPolicy::default(),
+            identity_rules: IdentityRules::default(),
             assignment_wait: Duration::from_secs(5),
             max_connections: 16_384,
             max_header_bytes: 16 * 1024,
@@ -71,6 +82,7 @@ fn is_denial(outcome: Outcome) -> bool {
     matches!(
         outcome,
         Outcome::IdentityNotFound
+            | Outcome::IdentityRefused
             | Outcome::AssignmentPending
             | Outcome::UpstreamError
             | Outcome::Blocked
@@ -186,6 +198,19 @@ async fn route<S: WorkloadSource>(
                 "a non-canonical path (percent-encoding, backslash, empty or dot segment) is never forwarded"
             },
         ),
+        Route::IdentityOther => {
+            blocked(
+                state,
+                connection,
+                audit,
+                workload,
+                ImdsError::not_found(
+                    "Not found: of /metadata/identity, pods may use only the token endpoint",
+                ),
+                "the identity namespace is never forwarded: only its token endpoint is served",
+            )
+            .await
+        }
         Route::Instance if state.settings.block_instance_metadata => {
             if let Err(error) = imds::check_headers(request.headers()) {
                 let reason = error.description.clone();
@@ -214,6 +239,22 @@ async fn route<S: WorkloadSource>(
         }
         Route::Instance | Route::Other => proxy(state, connection, request, audit, workload).await,
     }
+}
+
+/// Answers `error` without forwarding anything, auditing who asked as far as
+/// the connection can be attributed.
+async fn blocked<S: WorkloadSource>(
+    state: &AppState<S>,
+    connection: &Connection,
+    audit: &mut AuditRecord,
+    workload: &mut Option<Workload>,
+    error: ImdsError,
+    reason: &str,
+) -> Answer {
+    if let Ok(attributed) = attribute(state, connection, audit).await {
+        *workload = Some(attributed);
+    }
+    Answer::error(error, Outcome::Blocked, reason)
 }
 
 /// Ties the connection to a workload, filling the audit record.
@@ -262,47 +303,6 @@ async fn attribute<S: WorkloadSource>(
     Ok(workload)
 }
 
-/// The credential to ask upstream with, from the AzureIdentity's spec.
-fn credential_of(identity: &AzureIdentity, kind: IdentityType) -> Result<Credential, String> {
-    let spec = &identity.spec;
-    let authority = (!spec.ad_endpoint.is_empty()).then(|| spec.ad_endpoint.clone());
-    let secret = || {
-        spec.client_password
-            .as_ref()
-            .filter(|r| !r.name.is_empty())
-            .map(|r| SecretRef {
-                namespace: if r.namespace.is_empty() {
-                    identity
-                        .metadata
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| "default".into())
-                } else {
-                    r.namespace.clone()
-                },
-                name: r.name.clone(),
-            })
-            .ok_or_else(|| "the AzureIdentity has no clientPassword secret reference".to_string())
-    };
-    Ok(match kind {
-        IdentityType::UserAssignedMsi => Credential::ManagedIdentity {
-            client_id: Some(spec.client_id.clone()).filter(|c| !c.is_empty()),
-        },
-        IdentityType::ServicePrincipal => Credential::ClientSecret {
-            tenant_id: spec.tenant_id.clone(),
-            client_id: spec.client_id.clone(),
-            authority,
-            secret: secret()?,
-        },
-        IdentityType::ServicePrincipalCertificate => Credential::ClientCertificate {
-            tenant_id: spec.tenant_id.clone(),
-            client_id: spec.client_id.clone(),
-            authority,
-            secret: secret()?,
-        },
-    })
-}
-
 async fn token<S: WorkloadSource>(
     state: &AppState<S>,
     connection: &Connection,
@@ -328,28 +328,49 @@ async fn token<S: WorkloadSource>(
     };
     *attributed = Some(workload.clone());
 
-    let (identity_key, credential) = if state.source.is_exception(&workload) {
-        let client_id = match &query.requested {
-            RequestedIdentity::ClientId(id) => Some(id.clone()),
-            _ => None,
+    let excepted = state.source.is_exception(&workload);
+    let (identity_key, credential) = if excepted {
+        // Only here does a request reach IMDS for the node's own identity,
+        // with the selector the pod sent (none: the system-assigned one).
+        let selector = match &query.requested {
+            RequestedIdentity::Any => None,
+            RequestedIdentity::ClientId(id) => Some(ImdsSelector::ClientId(id.clone())),
+            RequestedIdentity::ObjectId(id) => Some(ImdsSelector::ObjectId(id.clone())),
+            RequestedIdentity::ResourceId(id) => Some(ImdsSelector::ResourceId(id.clone())),
         };
-        audit.identity = "node".to_string();
-        audit.client_id = client_id.clone().unwrap_or_default();
+        audit.identity = NODE_IDENTITY.to_string();
+        audit.client_id = match &selector {
+            Some(ImdsSelector::ClientId(id)) => id.clone(),
+            _ => String::new(),
+        };
         (
-            "node".to_string(),
-            Credential::ManagedIdentity { client_id },
+            NODE_IDENTITY.to_string(),
+            Credential::NodeIdentity { selector },
         )
     } else {
         let catalog = state.source.catalog();
         let chosen = bound_identities(
             catalog.as_ref(),
             state.source.namespace_rule(),
+            &state.settings.identity_rules,
             &workload.namespace,
             &workload.labels,
         )
         .and_then(|bound| choose(&bound, &query.requested));
         let chosen = match chosen {
             Ok(chosen) => chosen,
+            Err(NoIdentity::NoUsableBinding {
+                refused, detail, ..
+            }) if !refused.is_empty() => {
+                for refusal in &refused {
+                    state.source.on_identity_refused(refusal);
+                }
+                return Answer::error(
+                    ImdsError::identity_not_found(),
+                    Outcome::IdentityRefused,
+                    detail,
+                );
+            }
             Err(why) => {
                 return Answer::error(
                     ImdsError::identity_not_found(),
@@ -404,23 +425,13 @@ async fn token<S: WorkloadSource>(
                 );
             }
         }
-        let kind = match chosen.identity.spec.kind() {
-            Ok(kind) => kind,
-            Err(e) => {
+        let credential = match Credential::try_from(chosen.identity.as_ref()) {
+            Ok(credential) => credential,
+            Err(refusal) => {
                 return Answer::error(
                     ImdsError::identity_not_found(),
-                    Outcome::IdentityNotFound,
-                    e.to_string(),
-                );
-            }
-        };
-        let credential = match credential_of(&chosen.identity, kind) {
-            Ok(credential) => credential,
-            Err(why) => {
-                return Answer::error(
-                    ImdsError::new(StatusCode::FORBIDDEN, "invalid_request", why.clone()),
-                    Outcome::UpstreamError,
-                    why,
+                    Outcome::IdentityRefused,
+                    format!("AzureIdentity {} is refused: {refusal}", audit.identity),
                 );
             }
         };
@@ -444,7 +455,11 @@ async fn token<S: WorkloadSource>(
             Answer {
                 response: imds::token_response(&token, &query.resource, now_unix()),
                 outcome: Outcome::Issued,
-                reason: String::new(),
+                reason: if excepted {
+                    "the node's own identity: an AzurePodIdentityException matches this pod".into()
+                } else {
+                    String::new()
+                },
             }
         }
         Err(error) => {
@@ -470,6 +485,35 @@ async fn proxy<S: WorkloadSource>(
     audit: &mut AuditRecord,
     attributed: &mut Option<Workload>,
 ) -> Answer {
+    match state
+        .settings
+        .forward
+        .decide(request.method(), request.uri().path())
+    {
+        Forwarding::Allowed => {}
+        Forwarding::NotListed => {
+            return blocked(
+                state,
+                connection,
+                audit,
+                attributed,
+                ImdsError::not_found("Not found: podid does not forward this path"),
+                "not on the forwarding allowlist (--forward)",
+            )
+            .await;
+        }
+        Forwarding::MethodNotAllowed(allowed) => {
+            return blocked(
+                state,
+                connection,
+                audit,
+                attributed,
+                ImdsError::method_not_allowed(request.method(), &allowed),
+                "method not on the forwarding allowlist (--forward)",
+            )
+            .await;
+        }
+    }
     if let Err(error) = imds::check_headers(request.headers()) {
         let reason = error.description.clone();
         return Answer::error(error, Outcome::InvalidRequest, reason);

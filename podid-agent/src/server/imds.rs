@@ -25,6 +25,8 @@ pub struct ImdsError {
     pub description: String,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// The `Allow` header of a 405 (`GET` when not set).
+    pub allow: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -41,6 +43,7 @@ impl ImdsError {
             error,
             description: description.into(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -53,6 +56,26 @@ impl ImdsError {
     /// `Identity not found`, which SDKs treat as definite.
     pub fn identity_not_found() -> Self {
         Self::bad_request("Identity not found")
+    }
+
+    /// 404 `not_found`, as IMDS answers a path it does not serve.
+    pub fn not_found(description: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", description)
+    }
+
+    /// 405 naming the methods allowed.
+    pub fn method_not_allowed(method: &Method, allowed: &[Method]) -> Self {
+        let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+        let mut error = Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            format!(
+                "Method {method} is not allowed here; use {}",
+                allow.join(" or ")
+            ),
+        );
+        error.allow = Some(allow.join(", "));
+        error
     }
 
     /// Adds a Retry-After.
@@ -75,9 +98,12 @@ impl ImdsError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            let allow = self
+                .allow
+                .as_deref()
+                .and_then(|a| HeaderValue::from_str(a).ok())
+                .unwrap_or(HeaderValue::from_static("GET"));
+            response.headers_mut().insert(header::ALLOW, allow);
         }
         response
     }
@@ -101,6 +127,11 @@ pub enum Route {
     Token,
     /// Looks like the token path but is not it: never forwarded.
     MalformedToken,
+    /// Anything else under `/metadata/identity`: never forwarded (404). On a
+    /// VM where Azure enables them, its "managed identity v2" endpoints
+    /// (`getplatformmetadata`, `issuecredential`) hand out the VM's own
+    /// credential.
+    IdentityOther,
     /// `/metadata/instance…`.
     Instance,
     /// Anything else: forwarded to IMDS for attributed workloads.
@@ -151,6 +182,11 @@ pub fn route(path: &str) -> Route {
         && after[oauth..].contains("token")
     {
         return Route::MalformedToken;
+    }
+    if let Some(after) = lower.strip_prefix("/metadata/identity")
+        && (after.is_empty() || after.starts_with('/'))
+    {
+        return Route::IdentityOther;
     }
     // Case-insensitive: an upstream that ignores case must not see an
     // instance path that escaped --block-instance-metadata.
@@ -317,6 +353,17 @@ mod tests {
         assert_eq!(route("/metadata/instancex"), Route::Other);
         assert_eq!(route("/doesnotexist"), Route::Other);
         assert_eq!(route("/METADATA/INSTANCE/compute"), Route::Instance);
+        for path in [
+            "/metadata/identity/getplatformmetadata",
+            "/metadata/identity/issuecredential",
+            "/Metadata/Identity/credential",
+            "/metadata/identity",
+            "/metadata/identity/",
+            "/metadata/identity/oauth2",
+        ] {
+            assert_eq!(route(path), Route::IdentityOther, "{path}");
+        }
+        assert_eq!(route("/metadata/identityx"), Route::Other);
     }
 
     #[test]

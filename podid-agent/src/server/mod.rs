@@ -7,6 +7,7 @@
 //! connection per request keeps it exact.
 
 mod connection;
+pub mod forwarding;
 mod handler;
 pub mod head;
 pub mod imds;

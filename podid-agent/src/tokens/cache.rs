@@ -246,8 +246,8 @@ mod tests {
     #[test]
     fn evicts_least_recently_used() {
         let mut cache = Cache::new(2);
-        let credential = Credential::ManagedIdentity { client_id: None };
-        let key = |r: &str| resolve("ns/a", &credential, r, "https://login").expect("valid");
+        let credential = Credential::NodeIdentity { selector: None };
+        let key = |r: &str| resolve("ns/a", &credential, r, "https://login", &[]).expect("valid");
         let (a, b, c) = (key("a"), key("b"), key("c"));
         cache.insert(&a, &credential).token = Some(Arc::new(token(10)));
         cache.insert(&b, &credential).token = Some(Arc::new(token(10)));

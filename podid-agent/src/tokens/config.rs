@@ -17,6 +17,9 @@ pub struct TokenConfig {
     /// Entra ID authority for service principals without their own
     /// (`https://login.microsoftonline.com`).
     pub aad_authority: String,
+    /// Authorities an AzureIdentity's `adEndpoint` may name besides the
+    /// Azure clouds' own Entra ID hosts and `aad_authority` (base URLs).
+    pub allowed_authorities: Vec<String>,
     /// Refresh a cached token this long before it expires, or when less than
     /// a third of its lifetime is left, whichever comes first (and at least
     /// twice `safety_margin` before; never before half its lifetime).
@@ -50,6 +53,7 @@ impl Default for TokenConfig {
         Self {
             imds_endpoint: "http://169.254.169.254".to_owned(),
             aad_authority: "https://login.microsoftonline.com".to_owned(),
+            allowed_authorities: Vec::new(),
             refresh_ahead: Duration::from_secs(300),
             safety_margin: Duration::from_secs(60),
             refresh_retry: Duration::from_secs(30),

@@ -4,6 +4,11 @@
 
 use std::fmt;
 
+use podid_api::{
+    AzureIdentity, IdentityType,
+    validation::{IdentityRefusal, check_authority, is_user_assigned_identity_id},
+};
+
 use super::{TokenError, config::base_url, resource::normalise_resource};
 
 /// A reference to a Kubernetes Secret (or its standalone stand-in).
@@ -21,15 +26,51 @@ impl fmt::Display for SecretRef {
     }
 }
 
+/// How a request to IMDS names the managed identity it wants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ImdsSelector {
+    /// `client_id`: the identity's application (client) id.
+    ClientId(String),
+    /// `object_id`: its principal (object) id.
+    ObjectId(String),
+    /// `msi_res_id`: its ARM resource id.
+    ResourceId(String),
+}
+
+impl ImdsSelector {
+    /// The IMDS query parameter and its value.
+    pub fn param(&self) -> (&'static str, &str) {
+        match self {
+            ImdsSelector::ClientId(id) => ("client_id", id),
+            ImdsSelector::ObjectId(id) => ("object_id", id),
+            ImdsSelector::ResourceId(id) => ("msi_res_id", id),
+        }
+    }
+}
+
+impl fmt::Display for ImdsSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (param, value) = self.param();
+        write!(f, "{param}={value}")
+    }
+}
+
 /// The upstream credential of an identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
-    /// A managed identity through IMDS: user-assigned (aad-pod-identity type
-    /// 0) when `client_id` is set, otherwise the node's own identity (for
-    /// exception pods).
+    /// A user-assigned managed identity (aad-pod-identity type 0) through
+    /// IMDS. It always names the identity: IMDS answers a request that names
+    /// none with the node's own identity.
     ManagedIdentity {
-        /// Client id of the user-assigned identity.
-        client_id: Option<String>,
+        /// Which identity: `clientID`, else `resourceID`.
+        selector: ImdsSelector,
+    },
+    /// The node's own identity through IMDS, for pods an
+    /// AzurePodIdentityException matches, and only for them: with the
+    /// selector the pod sent, or none (the system-assigned identity).
+    NodeIdentity {
+        /// What the pod named, if anything.
+        selector: Option<ImdsSelector>,
     },
     /// A service principal with a client secret (type 1).
     ClientSecret {
@@ -56,12 +97,71 @@ pub enum Credential {
     },
 }
 
+impl TryFrom<&AzureIdentity> for Credential {
+    type Error = IdentityRefusal;
+
+    /// The credential to ask upstream with, from an AzureIdentity's spec.
+    /// Callers check the spec against the operator's rules first
+    /// ([`podid_api::validation::check_identity`]); this conversion refuses
+    /// on its own only what would make an upstream request ambiguous.
+    fn try_from(identity: &AzureIdentity) -> Result<Self, Self::Error> {
+        let spec = &identity.spec;
+        let kind = spec.kind().map_err(|e| IdentityRefusal::UnknownType(e.0))?;
+        let authority = (!spec.ad_endpoint.trim().is_empty()).then(|| spec.ad_endpoint.clone());
+        let secret = || {
+            spec.client_password
+                .as_ref()
+                .filter(|r| !r.name.is_empty())
+                .map(|r| SecretRef {
+                    namespace: if r.namespace.is_empty() {
+                        identity
+                            .metadata
+                            .namespace
+                            .clone()
+                            .filter(|n| !n.is_empty())
+                            .unwrap_or_else(|| "default".into())
+                    } else {
+                        r.namespace.clone()
+                    },
+                    name: r.name.clone(),
+                })
+                .ok_or(IdentityRefusal::NoSecret {
+                    kind: kind.as_i32(),
+                })
+        };
+        Ok(match kind {
+            IdentityType::UserAssignedMsi => {
+                let selector = if !spec.client_id.trim().is_empty() {
+                    ImdsSelector::ClientId(spec.client_id.trim().to_string())
+                } else if !spec.resource_id.trim().is_empty() {
+                    ImdsSelector::ResourceId(spec.resource_id.trim().to_string())
+                } else {
+                    return Err(IdentityRefusal::NoSelector);
+                };
+                Credential::ManagedIdentity { selector }
+            }
+            IdentityType::ServicePrincipal => Credential::ClientSecret {
+                tenant_id: spec.tenant_id.clone(),
+                client_id: spec.client_id.clone(),
+                authority,
+                secret: secret()?,
+            },
+            IdentityType::ServicePrincipalCertificate => Credential::ClientCertificate {
+                tenant_id: spec.tenant_id.clone(),
+                client_id: spec.client_id.clone(),
+                authority,
+                secret: secret()?,
+            },
+        })
+    }
+}
+
 impl Credential {
     /// A short name of the credential kind (logs, cache key).
     pub fn kind(&self) -> &'static str {
         match self {
-            Credential::ManagedIdentity { client_id: Some(_) } => "managed-identity",
-            Credential::ManagedIdentity { client_id: None } => "node-identity",
+            Credential::ManagedIdentity { .. } => "managed-identity",
+            Credential::NodeIdentity { .. } => "node-identity",
             Credential::ClientSecret { .. } => "client-secret",
             Credential::ClientCertificate { .. } => "client-certificate",
         }
@@ -70,9 +170,24 @@ impl Credential {
     /// The client id the credential names, if any.
     pub fn client_id(&self) -> Option<&str> {
         match self {
-            Credential::ManagedIdentity { client_id } => client_id.as_deref(),
+            Credential::ManagedIdentity {
+                selector: ImdsSelector::ClientId(id),
+            }
+            | Credential::NodeIdentity {
+                selector: Some(ImdsSelector::ClientId(id)),
+            } => Some(id),
+            Credential::ManagedIdentity { .. } | Credential::NodeIdentity { .. } => None,
             Credential::ClientSecret { client_id, .. }
             | Credential::ClientCertificate { client_id, .. } => Some(client_id),
+        }
+    }
+
+    /// The IMDS selector of a managed-identity credential.
+    pub fn imds_selector(&self) -> Option<&ImdsSelector> {
+        match self {
+            Credential::ManagedIdentity { selector } => Some(selector),
+            Credential::NodeIdentity { selector } => selector.as_ref(),
+            _ => None,
         }
     }
 }
@@ -84,6 +199,26 @@ fn valid_client_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A selector must be a plain id, and a binding's resource id a user-assigned
+/// identity's: IMDS would otherwise answer for whatever it names.
+fn check_selector(selector: &ImdsSelector, binding: bool) -> Result<(), String> {
+    match selector {
+        ImdsSelector::ClientId(id) | ImdsSelector::ObjectId(id) if !valid_client_id(id) => {
+            Err(format!("{selector} is not a valid id"))
+        }
+        ImdsSelector::ResourceId(id)
+            if id.is_empty()
+                || id.len() > 512
+                || (binding && !is_user_assigned_identity_id(id)) =>
+        {
+            Err(format!(
+                "{selector} is not a user-assigned identity's resource id"
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Tenant ids are GUIDs or verified domains; anything else could change the
@@ -129,6 +264,7 @@ pub(crate) fn resolve(
     credential: &Credential,
     resource: &str,
     default_authority: &str,
+    allowed_authorities: &[String],
 ) -> Result<Resolved, TokenError> {
     let resource = normalise_resource(resource)?;
     let invalid = |reason: String| TokenError::InvalidCredential {
@@ -136,15 +272,20 @@ pub(crate) fn resolve(
         reason,
     };
     let (tenant, client_id, authority) = match credential {
-        Credential::ManagedIdentity { client_id } => {
-            if let Some(id) = client_id
-                && !valid_client_id(id)
-            {
-                return Err(invalid(format!("client id {id:?} is not valid")));
+        Credential::ManagedIdentity { selector } => {
+            check_selector(selector, true).map_err(invalid)?;
+            (String::new(), selector.to_string(), String::new())
+        }
+        Credential::NodeIdentity { selector } => {
+            if let Some(selector) = selector {
+                check_selector(selector, false).map_err(invalid)?;
             }
             (
                 String::new(),
-                client_id.clone().unwrap_or_default(),
+                selector
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
                 String::new(),
             )
         }
@@ -167,7 +308,13 @@ pub(crate) fn resolve(
                 return Err(invalid(format!("client id {client_id:?} is not valid")));
             }
             let authority = match authority.as_deref().filter(|a| !a.trim().is_empty()) {
-                Some(a) => base_url(a).map_err(|e| invalid(format!("authority: {e}")))?,
+                Some(a) => {
+                    // Checked here too, whatever the caller checked: the
+                    // secret or the signed assertion goes to this host.
+                    check_authority(a, allowed_authorities)
+                        .map_err(|refusal| invalid(refusal.to_string()))?;
+                    base_url(a).map_err(|e| invalid(format!("authority: {e}")))?
+                }
                 None => default_authority.to_owned(),
             };
             (tenant_id.clone(), client_id.clone(), authority)
@@ -208,26 +355,28 @@ mod tests {
     #[test]
     fn keys_separate_identities_kinds_and_clients() {
         let mi = Credential::ManagedIdentity {
-            client_id: Some("AAAA-1".into()),
+            selector: ImdsSelector::ClientId("AAAA-1".into()),
         };
-        let a = resolve("ns/a", &mi, "https://vault.azure.net", AUTHORITY).expect("valid");
-        let b = resolve("ns/b", &mi, "https://vault.azure.net", AUTHORITY).expect("valid");
+        let a = resolve("ns/a", &mi, "https://vault.azure.net", AUTHORITY, &[]).expect("valid");
+        let b = resolve("ns/b", &mi, "https://vault.azure.net", AUTHORITY, &[]).expect("valid");
         assert_ne!(a.key, b.key, "identity is part of the key");
         let node = resolve(
             "ns/a",
-            &Credential::ManagedIdentity { client_id: None },
+            &Credential::NodeIdentity { selector: None },
             "https://vault.azure.net",
             AUTHORITY,
+            &[],
         )
         .expect("valid");
         assert_ne!(a.key, node.key);
         let lower = resolve(
             "ns/a",
             &Credential::ManagedIdentity {
-                client_id: Some("aaaa-1".into()),
+                selector: ImdsSelector::ClientId("aaaa-1".into()),
             },
             "https://vault.azure.net",
             AUTHORITY,
+            &[],
         )
         .expect("valid");
         assert_eq!(a.key, lower.key, "client ids compare case-insensitively");
@@ -236,6 +385,7 @@ mod tests {
             &secret_credential("t1", "AAAA-1"),
             "https://vault.azure.net",
             AUTHORITY,
+            &[],
         )
         .expect("valid");
         assert_ne!(a.key, sp.key, "same client id, other credential kind");
@@ -251,17 +401,24 @@ mod tests {
             ("", "c"),
             ("t", ""),
         ] {
-            let err = resolve("ns/a", &secret_credential(tenant, client), "r", AUTHORITY)
-                .expect_err("invalid ids are rejected");
+            let err = resolve(
+                "ns/a",
+                &secret_credential(tenant, client),
+                "r",
+                AUTHORITY,
+                &[],
+            )
+            .expect_err("invalid ids are rejected");
             assert_eq!(err.http_status(), 403, "{err}");
         }
         let err = resolve(
             "ns/a",
             &Credential::ManagedIdentity {
-                client_id: Some("x&client_id=y".into()),
+                selector: ImdsSelector::ClientId("x&client_id=y".into()),
             },
             "r",
             AUTHORITY,
+            &[],
         )
         .expect_err("invalid client id");
         assert_eq!(err.http_status(), 403);
@@ -278,7 +435,7 @@ mod tests {
                 name: "s".into(),
             },
         };
-        let resolved = resolve("ns/a", &credential, "r", AUTHORITY).expect("valid");
+        let resolved = resolve("ns/a", &credential, "r", AUTHORITY, &[]).expect("valid");
         assert_eq!(resolved.authority, "https://login.microsoftonline.us");
         assert_eq!(resolved.key.authority, "https://login.microsoftonline.us");
     }

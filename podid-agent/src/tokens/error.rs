@@ -67,11 +67,11 @@ pub enum TokenError {
     /// IMDS does not know the user-assigned identity: it is not assigned to
     /// this node (yet).
     #[error(
-        "user-assigned identity {client_id} is not assigned to this node (IMDS: Identity not found)"
+        "user-assigned identity {selector} is not assigned to this node (IMDS: Identity not found)"
     )]
     IdentityNotAssigned {
-        /// Client id asked for.
-        client_id: String,
+        /// How the identity was named (`client_id=…` or `msi_res_id=…`).
+        selector: String,
     },
     /// Upstream refused the request (4xx); not retried.
     #[error("{upstream} answered {status} {error}: {description}")]
@@ -185,10 +185,10 @@ impl TokenError {
                 };
                 (code, description)
             }
-            TokenError::IdentityNotAssigned { client_id } => (
+            TokenError::IdentityNotAssigned { selector } => (
                 "invalid_request",
                 format!(
-                    "The user-assigned identity with client_id {client_id} is not assigned to this node yet; retry later"
+                    "The user-assigned identity {selector} is not assigned to this node yet; retry later"
                 ),
             ),
             TokenError::Throttled { .. } => ("too_many_requests", self.to_string()),
@@ -243,7 +243,7 @@ mod tests {
         let cases: Vec<(TokenError, u16, &str, Option<u64>)> = vec![
             (
                 TokenError::IdentityNotAssigned {
-                    client_id: "cid-1".into(),
+                    selector: "client_id=cid-1".into(),
                 },
                 404,
                 "invalid_request",
@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn not_assigned_names_the_client_and_asks_to_retry() {
         let (_, description) = TokenError::IdentityNotAssigned {
-            client_id: "3c9e2b4a".into(),
+            selector: "client_id=3c9e2b4a".into(),
         }
         .imds_error();
         assert!(description.contains("3c9e2b4a"), "{description}");

@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 pub use config::TokenConfig;
-pub use credential::{Credential, SecretRef};
+pub use credential::{Credential, ImdsSelector, SecretRef};
 pub use error::TokenError;
 pub use issued::{IssuedToken, fingerprint};
 pub use secrets::{FileSecretSource, SecretError, SecretSource};
@@ -94,6 +94,8 @@ struct Inner {
     config: TokenConfig,
     imds_base: String,
     default_authority: String,
+    /// Authorities an identity may name: the operator's, and the default.
+    allowed_authorities: Vec<String>,
     policy: RetryPolicy,
     http: HttpClient,
     secrets: Arc<dyn SecretSource>,
@@ -126,6 +128,8 @@ impl TokenService {
         let default_authority =
             config::base_url(&config.aad_authority).map_err(TokenError::Config)?;
         let http = HttpClient::new(&config).map_err(TokenError::Config)?;
+        let mut allowed_authorities = config.allowed_authorities.clone();
+        allowed_authorities.push(default_authority.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 policy: RetryPolicy::from_config(&config),
@@ -133,6 +137,7 @@ impl TokenService {
                 config,
                 imds_base,
                 default_authority,
+                allowed_authorities,
                 http,
                 secrets,
                 observer,
@@ -153,6 +158,7 @@ impl TokenService {
             credential,
             resource,
             &self.inner.default_authority,
+            &self.inner.allowed_authorities,
         )?;
         match self.inner.lookup(&resolved, credential) {
             Lookup::Hit(token) => Ok((token, CacheStatus::Hit)),
@@ -397,8 +403,11 @@ impl Inner {
         let identity = &resolved.key.identity;
         let request =
             match credential {
-                Credential::ManagedIdentity { client_id } => {
-                    requests::imds_token(&self.imds_base, &resolved.resource, client_id.as_deref())
+                Credential::ManagedIdentity { selector } => {
+                    requests::imds_token(&self.imds_base, &resolved.resource, Some(selector))
+                }
+                Credential::NodeIdentity { selector } => {
+                    requests::imds_token(&self.imds_base, &resolved.resource, selector.as_ref())
                 }
                 Credential::ClientSecret {
                     tenant_id,
@@ -510,7 +519,7 @@ impl Drop for FlightGuard {
 
 fn upstream_of(credential: &Credential) -> Upstream {
     match credential {
-        Credential::ManagedIdentity { .. } => Upstream::Imds,
+        Credential::ManagedIdentity { .. } | Credential::NodeIdentity { .. } => Upstream::Imds,
         _ => Upstream::EntraId,
     }
 }
@@ -541,12 +550,10 @@ fn failure_error(failure: CallFailure, upstream: Upstream, credential: &Credenti
                 && description
                     .to_ascii_lowercase()
                     .contains("identity not found")
-                && let Credential::ManagedIdentity {
-                    client_id: Some(client_id),
-                } = credential
+                && let Credential::ManagedIdentity { selector } = credential
             {
                 return TokenError::IdentityNotAssigned {
-                    client_id: client_id.clone(),
+                    selector: selector.to_string(),
                 };
             }
             TokenError::Rejected {

@@ -6,7 +6,10 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, header};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use super::upstream::{Upstream, UpstreamRequest};
+use super::{
+    credential::ImdsSelector,
+    upstream::{Upstream, UpstreamRequest},
+};
 
 /// api-version sent to IMDS (what aad-pod-identity and most SDKs send).
 pub(crate) const IMDS_API_VERSION: &str = "2018-02-01";
@@ -25,20 +28,24 @@ fn enc(value: &str) -> String {
     utf8_percent_encode(value, COMPONENT).to_string()
 }
 
-/// `GET {imds}/metadata/identity/oauth2/token?api-version=…&resource=…[&client_id=…]`
-/// with `Metadata: true`.
+/// `GET {imds}/metadata/identity/oauth2/token?api-version=…&resource=…[&client_id|object_id|msi_res_id=…]`
+/// with `Metadata: true`. Only the node-identity credential of exception
+/// pods ever sends no selector.
 pub(crate) fn imds_token(
     imds_base: &str,
     resource: &str,
-    client_id: Option<&str>,
+    selector: Option<&ImdsSelector>,
 ) -> UpstreamRequest {
     let mut url = format!(
         "{imds_base}/metadata/identity/oauth2/token?api-version={IMDS_API_VERSION}&resource={}",
         enc(resource)
     );
-    if let Some(id) = client_id {
-        url.push_str("&client_id=");
-        url.push_str(&enc(id));
+    if let Some(selector) = selector {
+        let (param, value) = selector.param();
+        url.push('&');
+        url.push_str(param);
+        url.push('=');
+        url.push_str(&enc(value));
     }
     UpstreamRequest {
         upstream: Upstream::Imds,
@@ -108,7 +115,7 @@ mod tests {
         let req = imds_token(
             "http://169.254.169.254",
             "https://database.windows.net/",
-            Some("cid-1"),
+            Some(&ImdsSelector::ClientId("cid-1".into())),
         );
         assert_eq!(
             req.url,
@@ -119,6 +126,18 @@ mod tests {
             req.headers
                 .iter()
                 .any(|(k, v)| k == "metadata" && v == "true")
+        );
+        let by_resource = imds_token(
+            "http://x",
+            "r",
+            Some(&ImdsSelector::ResourceId(
+                "/subscriptions/s/resourcegroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a&client_id=x".into(),
+            )),
+        );
+        assert_eq!(
+            by_resource.url,
+            "http://x/metadata/identity/oauth2/token?api-version=2018-02-01&resource=r&msi_res_id=%2Fsubscriptions%2Fs%2Fresourcegroups%2Fg%2Fproviders%2FMicrosoft.ManagedIdentity%2FuserAssignedIdentities%2Fa%26client_id%3Dx",
+            "the selector is one parameter, whatever it holds"
         );
         let node = imds_token("http://x", "r", None);
         assert!(!node.url.contains("client_id"));

@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, future::Future, path::Path, sync::Arc, time::Du
 
 use crate::{
     audit::AuditRecord,
-    identity::{BoundIdentity, IdentityCatalog, NamespaceRule},
+    identity::{BoundIdentity, IdentityCatalog, NamespaceRule, RefusedIdentity},
     tokens::SecretSource,
 };
 
@@ -105,5 +105,12 @@ pub trait WorkloadSource: Send + Sync + 'static {
     /// record. Kubernetes mode can turn these into Events on the pod.
     fn on_denied(&self, workload: &Workload, record: &AuditRecord) {
         let _ = (workload, record);
+    }
+
+    /// Called when a request was refused because an AzureIdentity its
+    /// binding named breaks podid's rules. Kubernetes mode records a Warning
+    /// Event on that identity (rate-limited).
+    fn on_identity_refused(&self, refused: &RefusedIdentity) {
+        let _ = refused;
     }
 }

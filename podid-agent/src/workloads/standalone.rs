@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use super::{Assignment, Unattributed, Workload, WorkloadSource};
 use crate::{
-    identity::{BoundIdentity, IdentityCatalog, NamespaceRule, object_key},
+    identity::{BoundIdentity, IdentityCatalog, NamespaceRule, RefusedIdentity, object_key},
     tokens::SecretSource,
 };
 
@@ -164,6 +164,8 @@ pub struct StandaloneSource {
     path: PathBuf,
     root: PathBuf,
     rule: NamespaceRule,
+    /// (identity, refusal kind) already logged: one warning each.
+    refused_logged: std::sync::Mutex<std::collections::HashSet<(String, &'static str)>>,
     snapshot: RwLock<(Arc<WorkloadsSnapshot>, Option<SystemTime>)>,
     secrets: Arc<dyn SecretSource>,
 }
@@ -204,6 +206,7 @@ impl StandaloneSource {
             path: path.to_path_buf(),
             root: root.to_path_buf(),
             rule,
+            refused_logged: std::sync::Mutex::default(),
             snapshot: RwLock::new((Arc::new(snapshot), stamp)),
             secrets,
         })
@@ -304,6 +307,25 @@ impl WorkloadSource for StandaloneSource {
     fn is_ready(&self) -> bool {
         true
     }
+
+    fn on_identity_refused(&self, refused: &RefusedIdentity) {
+        let key = (
+            format!("{}/{}", refused.namespace, refused.name),
+            refused.refusal.kind(),
+        );
+        let first = self
+            .refused_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        if first {
+            warn!(
+                identity = %format!("{}/{}", refused.namespace, refused.name),
+                reason = %refused.refusal,
+                "an AzureIdentity in the workloads file is refused; its workloads get no token"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +381,7 @@ spec: {cgroup: services/reporting/batch}
         let bound = bound_identities(
             &snapshot,
             NamespaceRule::Cluster,
+            &podid_api::validation::IdentityRules::default(),
             &reporting.namespace,
             &reporting.labels,
         )

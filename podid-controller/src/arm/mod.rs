@@ -20,7 +20,7 @@ pub use identity::IdentityState;
 pub use policy::{ArmOperation, RetrySettings};
 pub use transport::HyperTransport;
 
-use crate::desired::is_user_assigned_identity_id;
+use podid_api::validation::is_user_assigned_identity_id;
 
 /// A failed ARM call, with what was being done.
 #[derive(Debug, thiserror::Error)]

@@ -137,7 +137,13 @@ fn desired_case(args: &Args) {
     let mut count = 0;
     for _ in 0..7 {
         let started = Instant::now();
-        let state = desired::compute(&pods, &bindings, &identities, false);
+        let state = desired::compute(
+            &pods,
+            &bindings,
+            &identities,
+            false,
+            &podid_api::validation::IdentityRules::default(),
+        );
         times.push(started.elapsed());
         count = state.assignments.len();
     }

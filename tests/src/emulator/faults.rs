@@ -18,12 +18,16 @@ pub enum Endpoint {
     EntraV1,
     /// Entra ID v2 `POST /{tenant}/oauth2/v2.0/token`.
     EntraV2,
+    /// IMDS "managed identity v2" (`GET /metadata/identity/getplatformmetadata`,
+    /// `POST /metadata/identity/issuecredential`): the VM's own credential.
+    /// No pod may ever reach it.
+    ImdsCredential,
 }
 
 impl Endpoint {
     /// Whether this endpoint issues tokens.
     pub fn is_token(self) -> bool {
-        !matches!(self, Endpoint::Instance)
+        !matches!(self, Endpoint::Instance | Endpoint::ImdsCredential)
     }
 }
 

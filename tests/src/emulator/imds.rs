@@ -377,6 +377,69 @@ async fn answer_instance(
     Ok(respond::json(200, value))
 }
 
+/// The IMDS "managed identity v2" endpoints, as MSAL.NET's
+/// `ImdsV2ManagedIdentitySource` uses them: `GET getplatformmetadata`
+/// (discovery; 400 without `Metadata`, which tells a client v2 exists) and
+/// `POST issuecredential`, which answers with a credential of the VM's own
+/// identity. Every request is recorded: an agent that forwards these hands a
+/// pod the node's credential, and tests assert none ever arrives.
+pub(crate) fn credential_v2(shared: &Shared, parts: &Parts) -> Response<Body> {
+    let mut st = shared.lock();
+    let node = st.system_assigned.clone();
+    let metadata_ok = parts
+        .headers
+        .get("metadata")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let path = parts.uri.path();
+    let response = match (node, metadata_ok) {
+        (None, _) => instance_error(404, "Not found"),
+        (Some(_), false) => {
+            instance_error(400, "Bad request. Required metadata header not specified")
+        }
+        (Some(node), true)
+            if path.ends_with("/getplatformmetadata") && parts.method == Method::GET =>
+        {
+            respond::json(
+                200,
+                &json!({
+                    "client_id": node.client_id,
+                    "tenant_id": st.tenant_id,
+                    "cuid": {"vmId": "0d5c3b2a-1e4f-4a6b-8c7d-9e0f1a2b3c4d"},
+                    "attestation_endpoint": "",
+                }),
+            )
+        }
+        (Some(node), true)
+            if path.ends_with("/issuecredential") && parts.method == Method::POST =>
+        {
+            respond::json(
+                200,
+                &json!({
+                    "client_id": node.client_id,
+                    "tenant_id": st.tenant_id,
+                    "credential": format!("NODE-CREDENTIAL-OF-{}", node.client_id),
+                    "mtls_authentication_endpoint": "https://login.microsoftonline.com",
+                }),
+            )
+        }
+        (Some(_), true) => instance_error(405, "Method not allowed"),
+    };
+    let client_id = st
+        .system_assigned
+        .as_ref()
+        .map(|n| n.client_id.clone())
+        .unwrap_or_default();
+    st.record(RequestRecord {
+        endpoint: Endpoint::ImdsCredential,
+        client_id,
+        resource: String::new(),
+        api_version: None,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
 /// IMDS's answer for a path it does not serve.
 pub(crate) fn not_found() -> Response<Body> {
     instance_error(404, "Not found")

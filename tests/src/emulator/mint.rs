@@ -80,6 +80,15 @@ pub fn token_claims(token: &str) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Whether a token this emulator minted is for a VM's own (system-assigned)
+/// identity: its `xms_mirid` names a `Microsoft.Compute/virtualMachines`
+/// resource rather than a user-assigned identity.
+pub fn is_node_token(token: &str) -> bool {
+    token_claims(token)
+        .and_then(|c| c["xms_mirid"].as_str().map(str::to_ascii_lowercase))
+        .is_some_and(|rid| rid.contains("/providers/microsoft.compute/virtualmachines/"))
+}
+
 /// `YYYY-MM-DD HH:MM:SSZ` for unix seconds, as Entra ID writes `timestamp`.
 pub(crate) fn format_timestamp(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);

@@ -9,6 +9,13 @@
 //!   a 200 has every field as a string.
 //! - `GET /metadata/instance[/…]?api-version=…[&format=text]`; any other path
 //!   gets IMDS's 404.
+//! - The "managed identity v2" credential endpoints
+//!   (`GET /metadata/identity/getplatformmetadata`,
+//!   `POST /metadata/identity/issuecredential`), answering with a credential
+//!   of the VM's own identity, as a VM where Azure enables them does.
+//! - A token request that names no identity gets the VM's system-assigned
+//!   ("node") identity, whose tokens carry a `xms_mirid` of a
+//!   `Microsoft.Compute/virtualMachines` resource ([`is_node_token`]).
 //! - `POST /{tenant}/oauth2/token` (v1, `resource`; string fields) and
 //!   `POST /{tenant}/oauth2/v2.0/token` (v2, `scope`; numeric fields), with
 //!   `client_secret` or an RS256 `client_assertion`; errors in Entra ID's
@@ -50,7 +57,7 @@ pub use config::{
 };
 pub use entra::JWT_BEARER;
 pub use faults::{CallCount, Endpoint, Fault, FaultAction, IssuedRecord, RequestRecord};
-pub use mint::token_claims;
+pub use mint::{is_node_token, token_claims};
 
 use respond::{Body, Dropped};
 use state::Shared;
@@ -303,6 +310,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<http::Response
     }
     if path == "/metadata/instance" || path.starts_with("/metadata/instance/") {
         return imds::instance(shared, &parts).await;
+    }
+    if path == "/metadata/identity/getplatformmetadata"
+        || path == "/metadata/identity/issuecredential"
+    {
+        return Ok(imds::credential_v2(shared, &parts));
     }
     let entra = entra::route(&path);
     let is_control = path.starts_with("/_emulator/");

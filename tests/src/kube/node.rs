@@ -26,7 +26,10 @@ use podid_agent::audit::AuditRecord;
 use super::FakeApiServer;
 use crate::{
     IMDS,
-    agent_files::{AgentFiles, assert_no_leaks, scrape_metrics, scratch_dir},
+    agent_files::{
+        AgentFiles, assert_no_leaks, assert_no_node_identity, node_identity_grants, scrape_metrics,
+        scratch_dir,
+    },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle},
     harness::{http_get, rss_kib},
     privileged::{BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, workspace_binary},
@@ -78,6 +81,10 @@ pub struct KubeNodeSpec {
     pub agent_args: Vec<String>,
     /// Taints the node carries before the agent starts (key, effect).
     pub node_taints: Vec<(String, String)>,
+    /// The test hands out the node's own identity on purpose (exception
+    /// pods); otherwise dropping the harness fails if any token of the
+    /// node's identity, or its credential, was issued.
+    pub node_identity_expected: bool,
 }
 
 /// A running box.
@@ -296,10 +303,12 @@ impl KubeNodeHarness {
 
 impl Drop for KubeNodeHarness {
     fn drop(&mut self) {
-        let leaks = if std::thread::panicking() {
-            Vec::new()
+        let (leaks, grants) = if std::thread::panicking() {
+            (Vec::new(), Vec::new())
+        } else if self.spec.node_identity_expected {
+            (self.secrets_leaks(), Vec::new())
         } else {
-            self.secrets_leaks()
+            (self.secrets_leaks(), node_identity_grants(&self.emulator))
         };
         self.kill_agent();
         if std::thread::panicking() {
@@ -307,5 +316,6 @@ impl Drop for KubeNodeHarness {
         }
         let _ = fs::remove_dir_all(&self.dir);
         assert_no_leaks(&leaks);
+        assert_no_node_identity(&grants);
     }
 }

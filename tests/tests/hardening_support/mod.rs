@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use podid_tests::{
-    emulator::{EmulatorConfig, ManagedIdentity, RegisteredClient, token_claims},
+    emulator::{EmulatorConfig, ManagedIdentity, RegisteredClient, is_node_token, token_claims},
     harness::{AgentHarness, HarnessOptions, HarnessSpec},
     probe::ProbeSpec,
 };
@@ -219,12 +219,14 @@ fn collect_tokens(value: &Value, out: &mut Vec<String>) {
 }
 
 /// Tallies across a test: how many inputs were tried, how many tokens were
-/// seen, how many belonged to another identity (must stay 0).
+/// seen, how many belonged to another identity, and how many of those to the
+/// node's own identity (both must stay 0).
 #[derive(Default)]
 pub struct Tally {
     pub inputs: AtomicU64,
     pub tokens: AtomicU64,
     pub wrong: AtomicU64,
+    pub node: AtomicU64,
 }
 
 impl Tally {
@@ -235,6 +237,13 @@ impl Tally {
         for token in tokens_in(report) {
             self.tokens.fetch_add(1, Ordering::Relaxed);
             let got = appid(&token);
+            if is_node_token(&token) {
+                self.node.fetch_add(1, Ordering::Relaxed);
+                self.wrong.fetch_add(1, Ordering::Relaxed);
+                panic!(
+                    "{what}: NODE IDENTITY: got a token for the node's own identity {got}: {report}"
+                );
+            }
             if !got.eq_ignore_ascii_case(expected) {
                 self.wrong.fetch_add(1, Ordering::Relaxed);
                 panic!(
@@ -247,10 +256,11 @@ impl Tally {
     /// Prints the figures (collected into docs/security.md).
     pub fn report(&self, test: &str) {
         eprintln!(
-            "FIGURES {test}: inputs={} tokens={} wrong_identity_tokens={}",
+            "FIGURES {test}: inputs={} tokens={} wrong_identity_tokens={} node_identity_tokens={}",
             self.inputs.load(Ordering::Relaxed),
             self.tokens.load(Ordering::Relaxed),
-            self.wrong.load(Ordering::Relaxed)
+            self.wrong.load(Ordering::Relaxed),
+            self.node.load(Ordering::Relaxed)
         );
     }
 }

@@ -57,6 +57,22 @@ Derived settings.
 {{- if or .Values.namespaced (eq .Values.mode "managed") }}true{{ end }}
 {{- end }}
 
+{{/* The identity-rule flags, the same for the agent and the controller. */}}
+{{- define "podid.identityRuleArgs" -}}
+{{- with .Values.identityRules.nodeIdentities }}
+- --node-identity={{ join "," . }}
+{{- end }}
+{{- if .Values.identityRules.allowNodeIdentities }}
+- --allow-node-identities
+{{- end }}
+{{- with .Values.identityRules.allowedAuthorities }}
+- --allowed-authority={{ join "," . }}
+{{- end }}
+{{- if .Values.identityRules.sameNamespaceSecrets }}
+- --same-namespace-secrets
+{{- end }}
+{{- end }}
+
 {{- define "podid.controllerEnabled" -}}
 {{- if and (eq .Values.mode "standard") .Values.controller.enabled }}true{{ end }}
 {{- end }}

@@ -185,6 +185,7 @@ async fn a_credential_may_carry_its_own_authority() {
     dir.write("ns/sp", SECRET.as_bytes());
     let config = TokenConfig {
         aad_authority: format!("http://{closed}"),
+        allowed_authorities: vec![emu.url()],
         ..config_for(&emu)
     };
     let (svc, _) = service_with(config, Some(dir.path()));
@@ -192,6 +193,31 @@ async fn a_credential_may_carry_its_own_authority() {
     svc.token("ns/own", &own, VAULT)
         .await
         .expect("the credential's authority is used");
+    // An authority nobody allowed is never contacted: the secret would go
+    // to whoever listens there.
+    let foreign = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let foreign_url = format!("https://{}", foreign.local_addr().expect("addr"));
+    let err = svc
+        .token(
+            "ns/foreign",
+            &secret_credential(&client_id, "sp", Some(foreign_url)),
+            VAULT,
+        )
+        .await
+        .expect_err("an unlisted authority is refused");
+    assert_eq!(err.http_status(), 403, "{err}");
+    assert!(
+        err.to_string().contains("not a known Entra ID authority"),
+        "{err}"
+    );
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), foreign.accept())
+            .await
+            .is_err(),
+        "the foreign authority was contacted"
+    );
     let default = secret_credential(&client_id, "sp", None);
     let err = svc
         .token("ns/default", &default, VAULT)

@@ -54,7 +54,7 @@ async fn node_identity_is_the_vms_own() {
     let emu = emulator(EmulatorConfig::default()).await;
     let system = emu.system_assigned().expect("system identity");
     let (svc, _) = service_with(config_for(&emu), None);
-    let node = Credential::ManagedIdentity { client_id: None };
+    let node = Credential::NodeIdentity { selector: None };
     let (token, _) = svc.token("node", &node, VAULT).await.expect("token");
     assert_eq!(
         token.client_id, system.client_id,
@@ -157,11 +157,7 @@ async fn node_without_identity_passes_imds_400_through() {
     let emu = emulator(config).await;
     let (svc, _) = service_with(config_for(&emu), None);
     let err = svc
-        .token(
-            "node",
-            &Credential::ManagedIdentity { client_id: None },
-            VAULT,
-        )
+        .token("node", &Credential::NodeIdentity { selector: None }, VAULT)
         .await
         .expect_err("no system identity");
     assert_eq!(err.http_status(), 400, "{err}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use podid_tests::emulator::{Emulator, EmulatorConfig, EmulatorHandle, ManagedIdentity};
 
-use super::{Credential, IssuedToken};
+use super::{Credential, ImdsSelector, IssuedToken};
 
 const VAULT: &str = "https://vault.azure.net";
 const SQL: &str = "https://database.windows.net/";
@@ -32,7 +32,7 @@ async fn emulator_with(identities: &[&ManagedIdentity]) -> EmulatorHandle {
 
 fn user_assigned(identity: &ManagedIdentity) -> Credential {
     Credential::ManagedIdentity {
-        client_id: Some(identity.client_id.clone()),
+        selector: ImdsSelector::ClientId(identity.client_id.clone()),
     }
 }
 

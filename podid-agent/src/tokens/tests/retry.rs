@@ -202,11 +202,7 @@ async fn an_unreachable_upstream_is_a_503() {
     };
     let (svc, recorder) = service_with(config, None);
     let err = svc
-        .token(
-            "ns/id",
-            &Credential::ManagedIdentity { client_id: None },
-            VAULT,
-        )
+        .token("ns/id", &Credential::NodeIdentity { selector: None }, VAULT)
         .await
         .expect_err("nothing listens");
     assert_eq!(err.http_status(), 503, "{err}");

@@ -1,8 +1,13 @@
-//! `--emit-denial-events`: refused token requests as Kubernetes Events on
-//! the pod (`kubectl describe pod` shows why it got no token), at most one
-//! per pod and reason per interval, so a client retrying in a loop cannot
-//! flood the API server. Published in the background through kube-runtime's
-//! `Recorder` (events.k8s.io/v1 create, and patch for a repeated event).
+//! Kubernetes Events the agent publishes, rate-limited so that a client
+//! retrying in a loop cannot flood the API server, in the background through
+//! kube-runtime's `Recorder` (events.k8s.io/v1 create, and patch for a
+//! repeated event):
+//! - `--emit-denial-events`: refused token requests on the pod (`kubectl
+//!   describe pod` shows why it got no token), at most one per pod and
+//!   reason per interval;
+//! - always: an `IdentityRefused` Warning on an AzureIdentity that podid's
+//!   rules refuse, when a request needed it, at most one per identity per
+//!   [`IDENTITY_EVENT_INTERVAL`] from each node.
 
 use std::{
     collections::HashMap,
@@ -18,7 +23,10 @@ use kube::{
 use tracing::{debug, warn};
 
 use super::super::Workload;
-use crate::audit::{AuditRecord, Outcome};
+use crate::{
+    audit::{AuditRecord, Outcome},
+    identity::RefusedIdentity,
+};
 
 /// Reporting controller name on the Events.
 pub const REPORTER: &str = "podid-agent";
@@ -27,18 +35,127 @@ const MAX_NOTE: usize = 1000;
 /// Rate-limit entries kept before old ones are pruned.
 const MAX_ENTRIES: usize = 10_000;
 
+/// Interval between two `IdentityRefused` Events for one identity.
+pub const IDENTITY_EVENT_INTERVAL: Duration = Duration::from_secs(600);
+
+/// At most one admission per key and reason per interval.
+#[derive(Clone, Debug)]
+struct RateLimit {
+    interval: Duration,
+    last: Arc<Mutex<HashMap<(String, &'static str), Instant>>>,
+}
+
+impl RateLimit {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: Arc::default(),
+        }
+    }
+
+    /// Whether an Event for (`key`, `reason`) may go out now; records it.
+    fn admit(&self, key: &str, reason: &'static str) -> bool {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() >= MAX_ENTRIES {
+            let interval = self.interval;
+            last.retain(|_, at| now.duration_since(*at) < interval);
+        }
+        match last.get(&(key.to_string(), reason)) {
+            Some(at) if now.duration_since(*at) < self.interval => false,
+            _ => {
+                last.insert((key.to_string(), reason), now);
+                true
+            }
+        }
+    }
+}
+
+fn recorder(client: Client, instance: String) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: REPORTER.into(),
+            instance: Some(instance),
+        },
+    )
+}
+
+/// Publishes in the background; `what` names the object in the log line.
+fn publish(recorder: &Recorder, event: Event, reference: ObjectReference, what: String) {
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        if let Err(error) = recorder.publish(&event, &reference).await {
+            warn!(%what, %error, "could not publish an event");
+        }
+    });
+}
+
+/// Publishes `IdentityRefused` Events on AzureIdentity objects.
+#[derive(Clone)]
+pub struct IdentityEvents {
+    recorder: Recorder,
+    limit: RateLimit,
+}
+
+impl std::fmt::Debug for IdentityEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityEvents")
+            .field("interval", &self.limit.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityEvents {
+    /// Publishes through `client`; `instance` names this agent (its node).
+    pub fn new(client: Client, instance: String, interval: Duration) -> Self {
+        Self {
+            recorder: recorder(client, instance),
+            limit: RateLimit::new(interval),
+        }
+    }
+
+    /// A Warning on the refused identity, unless one for the same identity
+    /// and reason went out within the interval. Returns whether one was
+    /// sent off.
+    pub fn refused(&self, refused: &RefusedIdentity) -> bool {
+        let key = format!("{}/{}", refused.namespace, refused.name);
+        if !self.limit.admit(&key, refused.refusal.kind()) {
+            return false;
+        }
+        let reference = ObjectReference {
+            api_version: Some(format!("{}/{}", podid_api::GROUP, podid_api::VERSION)),
+            kind: Some("AzureIdentity".into()),
+            name: Some(refused.name.clone()),
+            namespace: Some(refused.namespace.clone()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "IdentityRefused".into(),
+            note: Some(truncate(format!(
+                "podid gives no pod a token for this AzureIdentity: {}",
+                refused.refusal
+            ))),
+            action: "GetToken".into(),
+            secondary: None,
+        };
+        publish(&self.recorder, event, reference, key);
+        true
+    }
+}
+
 /// Publishes denial Events, rate-limited per pod and reason.
 #[derive(Clone)]
 pub struct DenialEvents {
     recorder: Recorder,
-    interval: Duration,
-    last: Arc<Mutex<HashMap<(String, &'static str), Instant>>>,
+    limit: RateLimit,
 }
 
 impl std::fmt::Debug for DenialEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DenialEvents")
-            .field("interval", &self.interval)
+            .field("interval", &self.limit.interval)
             .finish_non_exhaustive()
     }
 }
@@ -47,6 +164,7 @@ impl std::fmt::Debug for DenialEvents {
 pub fn reason_of(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::IdentityNotFound => "IdentityNotFound",
+        Outcome::IdentityRefused => "IdentityRefused",
         Outcome::AssignmentPending => "IdentityAssignmentPending",
         Outcome::UpstreamError => "TokenRequestFailed",
         Outcome::Blocked => "InstanceMetadataBlocked",
@@ -69,6 +187,10 @@ fn note_of(record: &AuditRecord) -> String {
         note.push_str(&format!(" (resource {})", record.resource));
     }
     note.push_str(&format!(": {} (HTTP {})", record.reason, record.status));
+    truncate(note)
+}
+
+fn truncate(mut note: String) -> String {
     if note.len() > MAX_NOTE {
         let mut cut = MAX_NOTE;
         while !note.is_char_boundary(cut) {
@@ -83,31 +205,9 @@ impl DenialEvents {
     /// Publishes through `client`, at most one Event per pod and reason per
     /// `interval`. `instance` names this agent (its node).
     pub fn new(client: Client, instance: String, interval: Duration) -> Self {
-        let reporter = Reporter {
-            controller: REPORTER.into(),
-            instance: Some(instance),
-        };
         Self {
-            recorder: Recorder::new(client, reporter),
-            interval,
-            last: Arc::default(),
-        }
-    }
-
-    /// Whether an Event for (`pod_uid`, `reason`) may go out now; records it.
-    fn admit(&self, pod_uid: &str, reason: &'static str) -> bool {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.len() >= MAX_ENTRIES {
-            let interval = self.interval;
-            last.retain(|_, at| now.duration_since(*at) < interval);
-        }
-        match last.get(&(pod_uid.to_string(), reason)) {
-            Some(at) if now.duration_since(*at) < self.interval => false,
-            _ => {
-                last.insert((pod_uid.to_string(), reason), now);
-                true
-            }
+            recorder: recorder(client, instance),
+            limit: RateLimit::new(interval),
         }
     }
 
@@ -119,7 +219,7 @@ impl DenialEvents {
             return false;
         }
         let reason = reason_of(record.outcome);
-        if !self.admit(&workload.uid, reason) {
+        if !self.limit.admit(&workload.uid, reason) {
             debug!(pod = %workload.name, reason, "denial event rate-limited");
             return false;
         }
@@ -138,13 +238,8 @@ impl DenialEvents {
             action: "GetToken".into(),
             secondary: None,
         };
-        let recorder = self.recorder.clone();
         let pod = format!("{}/{}", workload.namespace, workload.name);
-        tokio::spawn(async move {
-            if let Err(error) = recorder.publish(&event, &reference).await {
-                warn!(%pod, %error, "could not publish a denial event");
-            }
-        });
+        publish(&self.recorder, event, reference, pod);
         true
     }
 }

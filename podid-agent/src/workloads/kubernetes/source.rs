@@ -29,14 +29,14 @@ use super::{
     assignments::Assignments,
     catalog::{Catalog, Invalidator, TokenInvalidation},
     cgroup_path,
-    events::DenialEvents,
+    events::{DenialEvents, IDENTITY_EVENT_INTERVAL, IdentityEvents},
     pods::{ContainerMatch, Pods, container_of, is_terminated},
     reflect::{self, SyncTracker},
 };
 use crate::{
     audit::AuditRecord,
     config::Mode,
-    identity::{BoundIdentity, IdentityCatalog, NamespaceRule},
+    identity::{BoundIdentity, IdentityCatalog, NamespaceRule, RefusedIdentity},
     tokens::SecretSource,
     workloads::{Assignment, Unattributed, Workload, WorkloadSource},
 };
@@ -74,6 +74,7 @@ pub struct KubernetesSource {
     secrets: Arc<dyn SecretSource>,
     sync: Arc<SyncTracker>,
     events: Option<DenialEvents>,
+    identity_events: IdentityEvents,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -204,6 +205,8 @@ impl KubernetesSource {
         let events = config
             .denial_events
             .map(|interval| DenialEvents::new(client.clone(), config.node.clone(), interval));
+        let identity_events =
+            IdentityEvents::new(client.clone(), config.node.clone(), IDENTITY_EVENT_INTERVAL);
         Self {
             config,
             pods,
@@ -213,6 +216,7 @@ impl KubernetesSource {
             secrets,
             sync,
             events,
+            identity_events,
             tasks,
         }
     }
@@ -346,5 +350,9 @@ impl WorkloadSource for KubernetesSource {
         if let Some(events) = &self.events {
             events.denied(workload, record);
         }
+    }
+
+    fn on_identity_refused(&self, refused: &RefusedIdentity) {
+        self.identity_events.refused(refused);
     }
 }

@@ -20,6 +20,7 @@ use podid_api::{
     AzureAssignedIdentityStatus, AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec,
     AzureIdentitySpec, AzurePodIdentityException, AzurePodIdentityExceptionSpec,
     BEHAVIOR_ANNOTATION, Document, NODENAME_LABEL, SecretReference, parse_documents,
+    validation::IdentityRules,
 };
 use podid_tests::{
     emulator::{Emulator, EmulatorConfig, ManagedIdentity, RegisteredClient, token_claims},
@@ -32,7 +33,9 @@ use crate::{
     audit::{AuditRecord, Outcome},
     config::Mode,
     identity::{NamespaceRule, NoIdentity, RequestedIdentity, bound_identities, choose},
-    tokens::{Credential, NoopObserver, SecretError, SecretRef, TokenConfig, TokenService},
+    tokens::{
+        Credential, ImdsSelector, NoopObserver, SecretError, SecretRef, TokenConfig, TokenService,
+    },
     workloads::{Assignment, Unattributed, Workload, WorkloadSource},
 };
 
@@ -268,6 +271,7 @@ fn decide(
     bound_identities(
         source.catalog().as_ref(),
         source.namespace_rule(),
+        &IdentityRules::default(),
         &workload.namespace,
         &workload.labels,
     )
@@ -828,7 +832,7 @@ async fn deleting_a_binding_or_identity_stops_tokens_and_drops_cached_ones() {
             (
                 bound.identity_key(),
                 Credential::ManagedIdentity {
-                    client_id: Some(bound.identity.spec.client_id.clone()),
+                    selector: ImdsSelector::ClientId(bound.identity.spec.client_id.clone()),
                 },
             )
         })
