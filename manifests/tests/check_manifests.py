@@ -110,8 +110,9 @@ AGENT_PERMISSIONS: list[tuple] = [
     (lambda v: v["agent"]["rbac"]["readSecrets"], "", "secrets", ["get"], None, None),
     # --startup-taint: Api<Node>::get + merge patch of its own node.
     (lambda v: v["agent"]["startupTaint"]["enabled"], "", "nodes", ["get", "patch"], None, None),
-    # --emit-denial-events: kube-runtime Recorder (events.k8s.io/v1 create, patch).
-    (lambda v: v["agent"]["emitDenialEvents"], "events.k8s.io", "events", ["create", "patch"], None, None),
+    # kube-runtime Recorder (events.k8s.io/v1 create, patch): IdentityRefused
+    # on AzureIdentity objects always, denials on pods with --emit-denial-events.
+    (ALWAYS, "events.k8s.io", "events", ["create", "patch"], None, None),
 ]
 
 # Reconciled with podid-controller/src as first written: stores.rs

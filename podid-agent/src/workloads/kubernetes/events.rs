@@ -167,7 +167,7 @@ pub fn reason_of(outcome: Outcome) -> &'static str {
         Outcome::IdentityRefused => "IdentityRefused",
         Outcome::AssignmentPending => "IdentityAssignmentPending",
         Outcome::UpstreamError => "TokenRequestFailed",
-        Outcome::Blocked => "InstanceMetadataBlocked",
+        Outcome::Blocked => "MetadataRequestBlocked",
         Outcome::Unattributed => "Unattributed",
         Outcome::InvalidRequest => "InvalidRequest",
         Outcome::Rejected => "Rejected",
@@ -177,7 +177,7 @@ pub fn reason_of(outcome: Outcome) -> &'static str {
 
 fn note_of(record: &AuditRecord) -> String {
     let mut note = format!(
-        "podid refused a token request from container {:?}",
+        "podid refused a request from container {:?}",
         record.container
     );
     if !record.identity.is_empty() {
