@@ -617,12 +617,24 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         if report.check(init is not None, f"{where}: detach mode runs the detach-redirect init container"):
             report.check(init["args"][:2] == ["redirect", "uninstall"] and arg_map(init["args"]).get("bpffs-dir") == bpffs_dir,
                          f"{where}: detacher runs `redirect uninstall --bpffs-dir={bpffs_dir}`")
-            report.check(not init["securityContext"]["capabilities"].get("add"),
-                         f"{where}: detacher adds no capabilities (it only unlinks pins)")
+            report.check(init["securityContext"]["capabilities"].get("add") == ["NET_ADMIN"],
+                         f"{where}: detacher adds NET_ADMIN only (pins are unlinked; the netlink guard filter needs it)")
             bpffs_mount_ok(init)
-        report.check(not spec.get("hostNetwork") and spec.get("automountServiceAccountToken") is False,
-                     f"{where}: detacher needs neither the host network nor an API token")
+        unit = {c["name"]: c for c in spec.get("initContainers") or []}.get("uninstall-boot-guard")
+        report.check(unit is not None and unit["args"][:2] == ["guard", "uninstall-unit"]
+                     and not unit["securityContext"]["capabilities"].get("add"),
+                     f"{where}: detach mode removes the boot unit, with no capability")
+        report.check(spec.get("hostNetwork") is True and spec.get("automountServiceAccountToken") is False,
+                     f"{where}: detacher on the host network (the guard's netlink filter), no API token")
         return
+    if v["agent"]["bootGuard"]["enabled"]:
+        unit = {c["name"]: c for c in spec.get("initContainers") or []}.get("install-boot-guard")
+        ok = (unit is not None and unit["args"][:2] == ["guard", "install-unit"]
+              and arg_map(unit["args"]).get("allow-cgroup") == v["agent"]["bootGuard"]["allowCgroup"]
+              and not unit["securityContext"]["capabilities"].get("add")
+              and {m["name"] for m in unit["volumeMounts"]} == {"host-systemd", "host-podid"}
+              and not any(m["name"] in ("host-systemd", "host-podid") for c in spec.get("containers") or [] for m in c.get("volumeMounts") or []))
+        report.check(ok, f"{where}: the boot unit is installed by an init container, the only one to mount /etc/systemd/system and /opt/podid")
 
     report.check(spec.get("hostNetwork") is True, f"{where}: agent uses the host network")
     agent = {c["name"]: c for c in spec.get("containers") or []}.get("agent")

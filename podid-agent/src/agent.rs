@@ -21,7 +21,7 @@ use crate::{
     identity::NamespaceRule,
     metrics::{Metrics, ScrapeSource},
     redirect::{self, Redirect, RedirectOptions, cgroup},
-    server::{self, AppState, ServerSettings, forwarding::ForwardPolicy},
+    server::{self, AppState, ServerSettings, admission::RecordRules, forwarding::ForwardPolicy},
     tokens::{
         FileSecretSource, SecretSource, TokenConfig, TokenService, Upstream, UpstreamObserver,
     },
@@ -151,8 +151,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     readiness.set_not_ready("starting");
     let (stop, stopped) = watch::channel(false);
-    let metrics_listener = TcpListener::bind(args.metrics_listen)
-        .await
+    let metrics_listener = health::bind(args.metrics_listen)
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
     let health = tokio::spawn(health::serve(
         metrics_listener,
@@ -161,6 +160,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stopped.clone(),
     ));
 
+    // Records written before this point belong to connections nobody
+    // accepted (the previous agent is gone): refused.
+    let record_rules = RecordRules::starting_now(args.boundary.record_max_age);
     // Bind before redirecting, so redirected connections find a listener.
     let listener = TcpListener::bind(listen)
         .await
@@ -174,6 +176,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             exempt_self: true,
             exempt: Vec::new(),
             record_capacity: None,
+            record_max_age: args.boundary.record_max_age,
+            guard: args.boundary.guard(),
+            agent_started_ns: record_rules.started_ns,
         })
         .context("installing the kernel redirect")?,
     );
@@ -229,6 +234,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..ServerSettings::default()
     };
     let serving = Serving {
+        record_rules,
         node: node.clone(),
         listener,
         redirect,
@@ -327,6 +333,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// What both modes serve with, once the source is known.
 struct Serving {
+    record_rules: RecordRules,
     node: String,
     listener: TcpListener,
     redirect: Arc<Redirect>,
@@ -375,6 +382,7 @@ impl Serving {
             self.audit.clone(),
             self.metrics,
             self.settings,
+            self.record_rules,
         )?);
         let serving = tokio::spawn(server::serve(self.listener, state, self.stopped.clone()));
 

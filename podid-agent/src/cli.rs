@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     audit::{AuditQuery, Outcome, read_records, summarize},
-    config::{LogFormat, RunArgs},
+    config::{BoundaryArgs, LogFormat, RunArgs},
     redirect::{self, DEFAULT_PIN_ROOT, Redirect, RedirectOptions},
     telemetry::{self, LogTarget},
 };
@@ -34,6 +34,75 @@ pub enum Command {
     /// Install, inspect or remove the kernel redirect without running the agent.
     #[command(subcommand)]
     Redirect(RedirectCommand),
+    /// The IMDS guard for the node-start window (before the agent runs).
+    #[command(subcommand)]
+    Guard(GuardCommand),
+}
+
+/// `podid-agent guard …`
+#[derive(Debug, Subcommand)]
+pub enum GuardCommand {
+    /// Install the tc guard in boot mode and exit: until an agent attaches,
+    /// only processes below --allow-cgroup (and the root cgroup) reach IMDS.
+    /// Run at boot by the unit `install-unit` writes.
+    Boot(BootArgs),
+    /// Write the boot unit, its kubelet.service.wants link and a copy of
+    /// this binary under a host root (files podid owns only).
+    InstallUnit(UnitArgs),
+    /// Remove what install-unit wrote.
+    UninstallUnit(UnitRootArgs),
+}
+
+/// `guard boot` options.
+#[derive(Debug, Args, Clone)]
+pub struct BootArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// The host cgroup whose processes keep reaching IMDS while the node
+    /// boots (the host's services).
+    #[arg(
+        long,
+        env = "PODID_BOOT_ALLOW_CGROUP",
+        default_value = "/sys/fs/cgroup/system.slice"
+    )]
+    pub allow_cgroup: PathBuf,
+    /// Destination to guard.
+    #[arg(long, env = "PODID_INTERCEPT", default_value = "169.254.169.254:80")]
+    pub intercept: SocketAddrV4,
+    /// Interfaces the guard is attached to: `auto`, or names (comma-separated).
+    #[arg(
+        long = "imds-guard-interface",
+        env = "PODID_IMDS_GUARD_INTERFACES",
+        value_delimiter = ',',
+        default_value = "auto"
+    )]
+    pub guard_interfaces: Vec<String>,
+}
+
+/// Where the host's files are.
+#[derive(Debug, Args, Clone)]
+pub struct UnitRootArgs {
+    /// The host's root as mounted here (the chart mounts its
+    /// /etc/systemd/system and /opt/podid below /host).
+    #[arg(long, default_value = "/host")]
+    pub host_root: PathBuf,
+}
+
+/// `guard install-unit` options.
+#[derive(Debug, Args, Clone)]
+pub struct UnitArgs {
+    #[command(flatten)]
+    pub root: UnitRootArgs,
+    /// The host's bpffs pin root, as the unit passes it.
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pub bpffs_dir: PathBuf,
+    /// The host cgroup whose processes keep IMDS during boot, as the host
+    /// sees it.
+    #[arg(long, default_value = "/sys/fs/cgroup/system.slice")]
+    pub allow_cgroup: PathBuf,
+    /// `--imds-guard-interface` for the unit.
+    #[arg(long, default_value = "auto")]
+    pub imds_guard_interface: String,
 }
 
 /// `podid-agent audit`: which workloads got which tokens.
@@ -112,6 +181,9 @@ pub struct InstallArgs {
     /// Capacity of each record map when first created.
     #[arg(long, env = "PODID_RECORD_CAPACITY")]
     pub record_capacity: Option<u32>,
+    /// The kernel boundary (record age, the IMDS guard).
+    #[command(flatten)]
+    pub boundary: BoundaryArgs,
 }
 
 impl InstallArgs {
@@ -124,6 +196,9 @@ impl InstallArgs {
             exempt_self: true,
             exempt: self.exempt_cgroups.clone(),
             record_capacity: self.record_capacity,
+            record_max_age: self.boundary.record_max_age,
+            guard: self.boundary.guard(),
+            agent_started_ns: 0,
         })
     }
 }
@@ -143,6 +218,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Redirect(cmd) => {
             telemetry::init("info", LogFormat::Text, LogTarget::Stderr);
             run_redirect(cmd)
+        }
+        Command::Guard(cmd) => {
+            telemetry::init("info", LogFormat::Text, LogTarget::Stderr);
+            run_guard(cmd)
         }
     };
     match result {
@@ -194,6 +273,50 @@ fn run_redirect(cmd: RedirectCommand) -> anyhow::Result<()> {
                     .map(|(name, value)| (name.to_string(), value.into()))
                     .collect();
             println!("{}", serde_json::Value::Object(counters));
+            Ok(())
+        }
+    }
+}
+
+fn run_guard(cmd: GuardCommand) -> anyhow::Result<()> {
+    let paths = |list: Vec<std::path::PathBuf>| {
+        list.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
+    match cmd {
+        GuardCommand::Boot(args) => {
+            let guard = BoundaryArgs {
+                record_max_age: redirect::DEFAULT_RECORD_MAX_AGE,
+                guard_interfaces: args.guard_interfaces.clone(),
+            }
+            .guard();
+            let guarded = redirect::install_boot_guard(&redirect::BootGuardOptions {
+                pin_root: args.pins.bpffs_dir.clone(),
+                imds: args.intercept,
+                allow_cgroup: args.allow_cgroup.clone(),
+                guard,
+            })?;
+            println!("{}", serde_json::json!({ "guarded": guarded }));
+            Ok(())
+        }
+        GuardCommand::InstallUnit(args) => {
+            let binary = std::env::current_exe()?;
+            let written = crate::boot_unit::install(
+                &args.root.host_root,
+                &crate::boot_unit::UnitSettings {
+                    bpffs_dir: args.bpffs_dir,
+                    allow_cgroup: args.allow_cgroup,
+                    guard_interfaces: args.imds_guard_interface,
+                },
+                &binary,
+            )?;
+            println!("{}", serde_json::json!({ "written": paths(written) }));
+            Ok(())
+        }
+        GuardCommand::UninstallUnit(args) => {
+            let removed = crate::boot_unit::uninstall(&args.host_root)?;
+            println!("{}", serde_json::json!({ "removed": paths(removed) }));
             Ok(())
         }
     }

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use podid_api::validation::IdentityRuleArgs;
 
 use crate::{
-    redirect::DEFAULT_PIN_ROOT,
+    redirect::{DEFAULT_PIN_ROOT, GuardInterfaces},
     server::forwarding::{DEFAULT_FORWARD_RULES, ForwardRule},
 };
 
@@ -34,6 +34,46 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The kernel boundary's settings, the same for `run` and `redirect install`.
+#[derive(Debug, Clone, Args)]
+pub struct BoundaryArgs {
+    /// A kernel record of a redirected connection that the agent has not
+    /// taken within this time is refused (and another cgroup's connection
+    /// with the same addresses may replace it). Covers SYN retransmits at
+    /// 1, 3 and 7 s.
+    #[arg(long, env = "PODID_RECORD_MAX_AGE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub record_max_age: Duration,
+
+    /// Interfaces the IMDS guard (tc egress) is attached to: `auto` (the
+    /// interface the main routing table sends 169.254.169.254 through),
+    /// `none`, or interface names (comma-separated).
+    #[arg(
+        long = "imds-guard-interface",
+        env = "PODID_IMDS_GUARD_INTERFACES",
+        value_delimiter = ',',
+        value_name = "auto|none|IFACE",
+        default_value = "auto"
+    )]
+    pub guard_interfaces: Vec<String>,
+}
+
+impl BoundaryArgs {
+    /// Where the guard goes.
+    pub fn guard(&self) -> GuardInterfaces {
+        match self.guard_interfaces.as_slice() {
+            [one] if one == "auto" => GuardInterfaces::Auto,
+            [one] if one == "none" => GuardInterfaces::Off,
+            names => GuardInterfaces::Named(
+                names
+                    .iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+            ),
+        }
+    }
 }
 
 /// Flags of `podid-agent run`.
@@ -130,6 +170,10 @@ pub struct RunArgs {
     /// Which AzureIdentity specs are accepted (shared with the other binary).
     #[command(flatten)]
     pub identity_rules: IdentityRuleArgs,
+
+    /// The kernel boundary (record age, the IMDS guard).
+    #[command(flatten)]
+    pub boundary: BoundaryArgs,
 
     /// Standard mode: how long a request waits for an identity that is being
     /// assigned, before answering 503 with Retry-After.

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod attribution;
 pub mod audit;
+pub mod boot_unit;
 pub mod cli;
 pub mod config;
 pub mod health;

@@ -21,6 +21,14 @@ pub const PROG_CONNECT4: &str = "podid_connect4";
 pub const PROG_CONNECT6: &str = "podid_connect6";
 /// Name of the `sock_ops` program in the object.
 pub const PROG_SOCK_OPS: &str = "podid_sock_ops";
+/// Name of the `cgroup_skb/egress` program in the object: drops IMDS-bound
+/// packets from sockets of the hooked cgroups that are not exempt (raw IP
+/// sockets, a DNAT inside a pod's network namespace).
+pub const PROG_EGRESS: &str = "podid_egress";
+/// Name of the tc egress classifier in the object, attached to the interface
+/// that routes IMDS: drops IMDS-bound packets that no exempt socket sent
+/// (forwarded from pods, AF_PACKET frames).
+pub const PROG_IMDS_GUARD: &str = "podid_imds_guard";
 
 /// Single-entry array holding the [`RedirectConfig`].
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -62,16 +70,34 @@ pub const EXEMPT_CAPACITY: u32 = 64;
 /// Version of the map layouts and program contract. Pins live in a directory
 /// named after it, so an agent with an incompatible layout never reuses maps
 /// pinned by another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
+
+/// [`ConnectRecord::flags`]: two connections with the same 4-tuple (from
+/// different network namespaces, or a stale record and a new connection of
+/// another cgroup) were recorded before the agent took either. The record
+/// names nobody; the agent refuses the connection.
+pub const RECORD_COLLISION: u32 = 1;
+
+/// [`RedirectConfig::guard_mode`]: the enforcement programs pass everything.
+pub const GUARD_OFF: u32 = 0;
+/// [`RedirectConfig::guard_mode`]: the agent runs. IMDS-bound packets are
+/// dropped when no socket sent them (forwarded) or when the sending
+/// socket's cgroup is below the attach cgroup and not exempt.
+pub const GUARD_RUNNING: u32 = 1;
+/// [`RedirectConfig::guard_mode`]: the node is booting and no agent has
+/// attached yet. IMDS-bound packets pass only from sockets below
+/// [`RedirectConfig::allow_cgroup_id`] (the host's services), or exempt.
+pub const GUARD_BOOT: u32 = 2;
 
 /// `AF_INET`, as stored in [`ConnectRecord::family`].
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as stored in [`ConnectRecord::family`].
 pub const AF_INET6: u16 = 10;
 
-/// Where to redirect, written by the loader into [`MAP_CONFIG`] index 0.
+/// Where to redirect and what to enforce, written by the loader into
+/// [`MAP_CONFIG`] index 0.
 ///
-/// A zero `agent_port` means "not configured": the programs then leave every
+/// A zero `agent_port` means "not configured": the redirect then leaves every
 /// connection alone (the loader writes the configuration before attaching).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,6 +110,29 @@ pub struct RedirectConfig {
     pub agent_addr: u32,
     /// Agent port, network byte order in the low 16 bits.
     pub agent_port: u32,
+    /// A record older than this (nanoseconds) that the agent has not taken
+    /// is stale: a new connection of another cgroup with the same 4-tuple
+    /// replaces it instead of making a collision.
+    pub record_stale_ns: u64,
+    /// cgroup id of the cgroup the programs are attached to.
+    pub attach_cgroup_id: u64,
+    /// Its depth in the cgroup2 hierarchy (the root is 0).
+    pub attach_cgroup_level: u32,
+    /// [`GUARD_OFF`], [`GUARD_RUNNING`] or [`GUARD_BOOT`].
+    pub guard_mode: u32,
+    /// [`GUARD_BOOT`]: the cgroup whose sockets still reach IMDS.
+    pub allow_cgroup_id: u64,
+    /// Its depth in the cgroup2 hierarchy.
+    pub allow_cgroup_level: u32,
+    /// Length of the link-layer header on the guarded interfaces (14 for
+    /// Ethernet, 0 for interfaces without one), where the IPv4 header starts
+    /// in what the tc guard sees.
+    pub guard_l2_len: u32,
+    /// CLOCK_MONOTONIC nanoseconds when the running agent started, before
+    /// it bound its listener (0 without an agent). A record older than
+    /// that belongs to a connection that was refused: a new connection
+    /// with the same 4-tuple replaces it.
+    pub agent_started_ns: u64,
 }
 
 /// What the kernel knows about a redirected connection.
@@ -92,8 +141,10 @@ pub struct RedirectConfig {
 pub struct ConnectRecord {
     /// `bpf_get_current_cgroup_id()` of the task that called `connect()`
     /// (read in sock_ops' `TCP_CONNECT_CB`, which runs inside that call): the
-    /// inode number of its cgroup v2 directory.
+    /// inode number of its cgroup v2 directory. 0 in a collision record.
     pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was written.
+    pub created_ns: u64,
     /// Thread group id (process id) of the caller.
     pub tgid: u32,
     /// Original destination address, network byte order: the configured IMDS
@@ -104,6 +155,10 @@ pub struct ConnectRecord {
     /// Address family of the caller's socket: [`AF_INET`], or [`AF_INET6`]
     /// for a v4-mapped destination.
     pub family: u32,
+    /// [`RECORD_COLLISION`], or 0.
+    pub flags: u32,
+    /// Unused; keeps the size a multiple of 8.
+    pub reserved: u32,
 }
 
 /// Key of [`MAP_PEER_RECORDS`]: the connection as the agent sees it.
@@ -137,11 +192,19 @@ pub enum Counter {
     /// A map update failed (the connection is still redirected, and then
     /// refused by the agent for lack of a record).
     RecordFailed = 4,
+    /// sock_ops found a fresh record of another cgroup under the same
+    /// 4-tuple and wrote a collision record instead.
+    RecordCollision = 5,
+    /// `podid_egress` dropped an IMDS-bound packet of a hooked socket.
+    EgressDropped = 6,
+    /// `podid_imds_guard` dropped an IMDS-bound packet on the interface
+    /// towards IMDS.
+    GuardDropped = 7,
 }
 
 impl Counter {
     /// Number of counters, the size of [`MAP_COUNTERS`].
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
     /// All counters, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
@@ -149,6 +212,9 @@ impl Counter {
         Counter::Recorded,
         Counter::RecordMissing,
         Counter::RecordFailed,
+        Counter::RecordCollision,
+        Counter::EgressDropped,
+        Counter::GuardDropped,
     ];
 
     /// Stable snake_case name, used in metrics and logs.
@@ -159,6 +225,9 @@ impl Counter {
             Counter::Recorded => "recorded",
             Counter::RecordMissing => "record_missing",
             Counter::RecordFailed => "record_failed",
+            Counter::RecordCollision => "record_collision",
+            Counter::EgressDropped => "egress_dropped",
+            Counter::GuardDropped => "guard_dropped",
         }
     }
 }
@@ -173,6 +242,6 @@ mod pod {
 }
 
 // No implicit padding anywhere: the kernel and userspace must agree on every byte.
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 24);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 12);

@@ -18,23 +18,38 @@
 //! rather than at connect4 time saves the hot path two map writes and a
 //! lookup: the facts are the same, and only the rare direct dial needs a mark.
 //!
-//! The programs never refuse a connection: a failed record only means the agent
-//! finds nothing and refuses it, so every failure mode is fail-closed.
+//! - `podid_egress` (`cgroup_skb/egress`, on the same cgroup) and
+//!   `podid_imds_guard` (tc egress, on the interface that routes IMDS) are
+//!   the boundary below the socket layer: IMDS-bound packets that the
+//!   redirect did not see (a DNAT inside a pod's network namespace, a raw IP
+//!   socket, an AF_PACKET frame forwarded by the node) are dropped unless an
+//!   exempt socket sent them.
+//!
+//! The redirect programs never refuse a connection: a failed record only
+//! means the agent finds nothing and refuses it, so every failure mode is
+//! fail-closed. A record is written with `BPF_NOEXIST`: a fresh record of
+//! another cgroup under the same 4-tuple (another network namespace using
+//! the same addresses) turns into a collision record the agent refuses, so a
+//! connection can never inherit someone else's cgroup.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::warn;
 use core::ptr::read_volatile;
 use podid_ebpf::{
     AF_INET, AF_INET6, ConnectRecord, Counter, DEFAULT_RECORD_CAPACITY, DIRECT_CAPACITY,
-    EXEMPT_CAPACITY, PeerKey, RedirectConfig,
+    EXEMPT_CAPACITY, GUARD_BOOT, GUARD_OFF, GUARD_RUNNING, PeerKey, RECORD_COLLISION,
+    RedirectConfig,
 };
 
 /// `cgroup/connect*` programs must return 1 to let the `connect()` proceed.
@@ -90,8 +105,7 @@ fn redirect_target(ctx: &SockAddrContext, dst_addr: u32, dst_port: u32) -> Optio
     }
     // SAFETY: helper with no arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: reading a map value; the key type is plain data.
-    if unsafe { EXEMPT_CGROUPS.get(&cgroup_id) }.is_some() {
+    if exempt(cgroup_id) {
         count(Counter::Exempt);
         return None;
     }
@@ -245,25 +259,160 @@ fn record_peer(ctx: &SockOpsContext) {
         return;
     }
     // TCP_CONNECT_CB runs inside the caller's connect(), like connect4 did.
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     let record = ConnectRecord {
         // SAFETY: helper with no arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        created_ns: now,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         orig_addr: config.imds_addr,
         orig_port: config.imds_port,
         family,
+        flags: 0,
+        reserved: 0,
     };
     if PEER_RECORDS
-        .insert(&key, &record, u64::from(BPF_ANY))
+        .insert(&key, &record, u64::from(BPF_NOEXIST))
         .is_ok()
     {
         count(Counter::Recorded);
+        return;
+    }
+    // A record the agent has not taken holds this 4-tuple. It is dead, and
+    // simply replaced, when it is the same cgroup's, older than the
+    // running agent (its connection found no listener) or stale. A fresh
+    // record of another cgroup means two network namespaces are using the
+    // same addresses, and then neither connection may be attributed.
+    // SAFETY: plain-data map value, copied out at once.
+    let replace = match unsafe { PEER_RECORDS.get(&key) } {
+        Some(old) => {
+            (old.flags & RECORD_COLLISION == 0 && old.cgroup_id == record.cgroup_id)
+                || old.created_ns < config.agent_started_ns
+                || now.wrapping_sub(old.created_ns) > config.record_stale_ns
+        }
+        None => true,
+    };
+    let (value, counter) = if replace {
+        (record, Counter::Recorded)
+    } else {
+        (
+            ConnectRecord {
+                cgroup_id: 0,
+                tgid: 0,
+                flags: RECORD_COLLISION,
+                ..record
+            },
+            Counter::RecordCollision,
+        )
+    };
+    if PEER_RECORDS
+        .insert(&key, &value, u64::from(BPF_ANY))
+        .is_ok()
+    {
+        count(counter);
     } else {
         count(Counter::RecordFailed);
         warn!(
             ctx,
             "podid: cannot record connect for cgroup {}", record.cgroup_id
         );
+    }
+}
+
+/// `ETH_P_IP` as `__sk_buff.protocol` holds it (network byte order).
+const ETH_P_IP_BE: u32 = (0x0800u16.to_be()) as u32;
+/// Offset of the destination address in an IPv4 header.
+const IPV4_DADDR: usize = 16;
+/// cgroup_skb verdicts.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+/// tc verdicts: continue with the next program or filter, or drop.
+const TC_NEXT: i32 = -1;
+const TC_SHOT: i32 = 2;
+
+#[inline(always)]
+fn exempt(cgroup_id: u64) -> bool {
+    // SAFETY: reading a map value; the key type is plain data.
+    unsafe { EXEMPT_CGROUPS.get(&cgroup_id) }.is_some()
+}
+
+/// The cgroup v2 hierarchy's root at level 0, whose sockets belong to the
+/// kernel and to processes outside every slice.
+#[inline(always)]
+fn in_subtree(skb: *mut aya_ebpf::bindings::__sk_buff, cgroup_id: u64, level: u32) -> bool {
+    // SAFETY: skb is the program's own context.
+    unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) == cgroup_id }
+}
+
+/// Drops IMDS-bound IPv4 packets sent by sockets of the hooked cgroups
+/// (a raw IP socket, a connection DNATed to IMDS inside a pod's own network
+/// namespace), unless the socket's cgroup is exempt. cgroup_skb sees the
+/// packet from its IP header, after the output NAT.
+#[cgroup_skb(egress)]
+pub fn podid_egress(ctx: SkBuffContext) -> i32 {
+    let Some(config) = CONFIG.get(0) else {
+        return SKB_PASS;
+    };
+    if config.guard_mode == GUARD_OFF || ctx.skb.protocol() != ETH_P_IP_BE {
+        return SKB_PASS;
+    }
+    let Ok(daddr) = ctx.load::<u32>(IPV4_DADDR) else {
+        return SKB_PASS;
+    };
+    if daddr != config.imds_addr {
+        return SKB_PASS;
+    }
+    // SAFETY: skb is the program's own context.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if exempt(cgroup_id) {
+        return SKB_PASS;
+    }
+    count(Counter::EgressDropped);
+    SKB_DROP
+}
+
+/// On the interface that routes IMDS: drops IMDS-bound IPv4 packets that no
+/// socket on this node sent (forwarded from a pod's network namespace,
+/// whatever made them: a DNAT, a raw socket, an AF_PACKET frame), and those
+/// of hooked, non-exempt sockets. Before an agent has attached (boot mode),
+/// only the host's own services (below the allowed cgroup) pass.
+#[classifier]
+pub fn podid_imds_guard(ctx: TcContext) -> i32 {
+    let Some(config) = CONFIG.get(0) else {
+        return TC_NEXT;
+    };
+    if config.guard_mode == GUARD_OFF || ctx.skb.protocol() != ETH_P_IP_BE {
+        return TC_NEXT;
+    }
+    let Ok(daddr) = ctx.load::<u32>(config.guard_l2_len as usize + IPV4_DADDR) else {
+        return TC_NEXT;
+    };
+    if daddr != config.imds_addr {
+        return TC_NEXT;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: skb is the program's own context.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let pass = if cgroup_id == 0 {
+        // No local socket: forwarded.
+        false
+    } else if exempt(cgroup_id) {
+        true
+    } else if config.guard_mode == GUARD_RUNNING {
+        !in_subtree(skb, config.attach_cgroup_id, config.attach_cgroup_level)
+    } else if config.guard_mode == GUARD_BOOT {
+        in_subtree(skb, config.allow_cgroup_id, config.allow_cgroup_level)
+            // SAFETY: skb is the program's own context.
+            || cgroup_id == unsafe { bpf_skb_ancestor_cgroup_id(skb, 0) }
+    } else {
+        true
+    };
+    if pass {
+        TC_NEXT
+    } else {
+        count(Counter::GuardDropped);
+        TC_SHOT
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
         scratch_dir,
     },
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, IssuedRecord},
+    pod_network::{NODE_IP, Pod, PodNetwork},
     privileged::{
         BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, run_ok, workspace_binary,
     },
@@ -73,6 +74,14 @@ pub struct HarnessOptions {
     /// pods); otherwise dropping the harness fails if any token of the
     /// node's identity, or its credential, was issued.
     pub node_identity_expected: bool,
+    /// Lay the node out as a CNI does ([`PodNetwork`]) with this many pods:
+    /// the agent listens on the node IP, IMDS sits beyond the node in a wire
+    /// namespace. `None`: everything in one namespace, the agent on
+    /// 127.0.0.1, IMDS on its loopback.
+    pub pods: Option<usize>,
+    /// Build the box but leave starting the agent to the test
+    /// ([`AgentHarness::start_agent`]).
+    pub defer_agent: bool,
 }
 
 /// A running harness.
@@ -83,6 +92,10 @@ pub struct HarnessOptions {
 /// also a secrets-hygiene test.
 pub struct AgentHarness {
     agent: Option<ChildGuard>,
+    /// The cgroup the agent runs in, relative to the root.
+    agent_cgroup: String,
+    /// The pods' network, when [`HarnessOptions::pods`] asked for one.
+    pub network: Option<PodNetwork>,
     /// The emulator, for fault injection and call counts.
     pub emulator: EmulatorHandle,
     runtime: tokio::runtime::Runtime,
@@ -175,7 +188,10 @@ impl AgentHarness {
     /// [`AgentHarness::start`] with [`HarnessOptions`].
     pub fn start_with(spec: HarnessSpec, options: HarnessOptions) -> Self {
         let netns = NetNsGuard::new();
-        netns.add_loopback_address("169.254.169.254/32");
+        let network = options.pods.map(PodNetwork::new);
+        if network.is_none() {
+            netns.add_loopback_address("169.254.169.254/32");
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -183,9 +199,17 @@ impl AgentHarness {
             .expect("tokio runtime");
         let mut config = spec.emulator.clone();
         config.listen = SocketAddr::V4(IMDS);
-        let emulator = runtime
-            .block_on(Emulator::start(config))
-            .expect("start the emulator on 169.254.169.254:80");
+        let start = || {
+            runtime
+                .block_on(Emulator::start(config))
+                .expect("start the emulator on 169.254.169.254:80")
+        };
+        // Beyond the node, where a pod's packets can only arrive if the node
+        // forwards them.
+        let emulator = match &network {
+            Some(network) => network.wire.netns.enter_while(start),
+            None => start(),
+        };
         let bpffs = BpffsGuard::new();
         let mut cgroups = CgroupGuard::new("e2e");
         cgroups.child("agent");
@@ -202,6 +226,8 @@ impl AgentHarness {
         }
         let mut harness = Self {
             agent: None,
+            agent_cgroup: "agent".into(),
+            network,
             emulator,
             runtime,
             bpffs,
@@ -214,7 +240,9 @@ impl AgentHarness {
         if let Some(capacity) = harness.options.record_capacity {
             harness.preinstall_redirect(capacity);
         }
-        harness.start_agent();
+        if !harness.options.defer_agent {
+            harness.start_agent();
+        }
         harness
     }
 
@@ -223,7 +251,7 @@ impl AgentHarness {
     fn preinstall_redirect(&self, capacity: u32) {
         run_ok(
             Command::new(workspace_binary("podid-agent"))
-                .args(["redirect", "install", "--listen", AGENT_ADDR])
+                .args(["redirect", "install", "--listen", &self.agent_addr()])
                 .arg("--cgroup-root")
                 .arg(self.cgroups.path())
                 .arg("--bpffs-dir")
@@ -238,7 +266,12 @@ impl AgentHarness {
     fn agent_command(&self) -> Command {
         let mut cmd = Command::new(workspace_binary("podid-agent"));
         cmd.arg("run")
-            .args(["--listen", AGENT_ADDR, "--metrics-listen", METRICS_ADDR])
+            .args([
+                "--listen",
+                &self.agent_addr(),
+                "--metrics-listen",
+                METRICS_ADDR,
+            ])
             .args(["--node-name", "e2e-node", "--log-format", "json"])
             .arg("--cgroup-root")
             .arg(self.cgroups.path())
@@ -263,7 +296,7 @@ impl AgentHarness {
     pub fn start_agent(&mut self) {
         let (stdout, stderr) = self.files().open_outputs();
         let mut cmd = self.agent_command();
-        in_cgroup(&mut cmd, &self.cgroup("agent"))
+        in_cgroup(&mut cmd, &self.cgroup(&self.agent_cgroup))
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr));
         if let Some(soft) = self.options.nofile_soft_limit {
@@ -308,6 +341,16 @@ impl AgentHarness {
         self.agent = Some(child);
     }
 
+    /// Kills the agent, removes its cgroup (as kubelet does with a dead
+    /// container's) and starts it again in a new cgroup `name`.
+    pub fn restart_agent_in_fresh_cgroup(&mut self, name: &str) {
+        self.kill_agent();
+        self.cgroups.remove_child(&self.agent_cgroup);
+        self.cgroups.child(name);
+        self.agent_cgroup = name.to_string();
+        self.start_agent();
+    }
+
     /// SIGKILLs the agent (the pinned redirect stays).
     pub fn kill_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {
@@ -345,6 +388,24 @@ impl AgentHarness {
     /// The agent's resident set size in KiB (VmRSS), if it is running.
     pub fn agent_rss_kib(&self) -> Option<u64> {
         rss_kib(self.agent_pid()?)
+    }
+
+    /// Where the agent listens: the node IP with a pod network, else
+    /// [`AGENT_ADDR`].
+    pub fn agent_addr(&self) -> String {
+        match &self.network {
+            Some(_) => format!("{NODE_IP}:2579"),
+            None => AGENT_ADDR.to_string(),
+        }
+    }
+
+    /// Pod `index` of the pod network.
+    pub fn pod(&self, index: usize) -> &Pod {
+        &self
+            .network
+            .as_ref()
+            .expect("a pod network (HarnessOptions::pods)")
+            .pods[index]
     }
 
     /// The cgroup directory of `relative` (as given in the spec).

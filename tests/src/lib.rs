@@ -9,6 +9,7 @@ pub mod emulator;
 pub mod harness;
 pub mod http_server;
 pub mod kube;
+pub mod pod_network;
 pub mod privileged;
 pub mod probe;
 

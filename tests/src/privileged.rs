@@ -179,6 +179,16 @@ impl CgroupGuard {
     }
 }
 
+impl CgroupGuard {
+    /// Removes the child cgroup at `relative` now (it must be empty of
+    /// processes; ours are moved out first).
+    pub fn remove_child(&mut self, relative: &str) {
+        let path = self.path.join(relative);
+        remove_cgroup(&path);
+        self.children.retain(|c| c != &path);
+    }
+}
+
 /// The cgroup id of a directory.
 pub fn cgroup_id_of(path: &Path) -> u64 {
     fs::metadata(path).expect("stat cgroup").ino()
@@ -465,6 +475,23 @@ pub fn in_cgroup<'a>(cmd: &'a mut Command, cgroup: &Path) -> &'a mut Command {
             let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
             if rc != 1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+/// Makes `cmd` enter the network namespace at `netns` (a `/run/netns/…`
+/// path) between fork and exec, as a pod's container runs in its pod's.
+pub fn in_netns<'a>(cmd: &'a mut Command, netns: &Path) -> &'a mut Command {
+    let file = fs::File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+    let fd: OwnedFd = file.into();
+    // SAFETY: setns is async-signal-safe; the fd stays open in the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

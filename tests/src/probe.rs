@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::privileged::{ChildGuard, in_cgroup, workspace_binary};
+use crate::privileged::{ChildGuard, in_cgroup, in_netns, workspace_binary};
 
 /// What a probe should do.
 #[derive(Debug, Clone, Default)]
@@ -139,6 +139,15 @@ impl ProbeSpec {
     pub fn run_in(&self, cgroup: &Path) -> Value {
         let child = self.spawn_in(cgroup);
         finish(child)
+    }
+
+    /// Runs the probe inside `cgroup` and the network namespace at `netns`
+    /// (a pod's), to completion.
+    pub fn run_in_pod(&self, cgroup: &Path, netns: &Path) -> Value {
+        let mut cmd = self.command();
+        in_netns(&mut cmd, netns);
+        in_cgroup(&mut cmd, cgroup).stdout(Stdio::piped());
+        finish(ChildGuard::new(cmd.spawn().expect("spawn podid-probe")))
     }
 }
 

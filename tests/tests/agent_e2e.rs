@@ -598,7 +598,10 @@ fn instance_metadata_is_proxied_or_blocked() {
         let records = harness.audit_records(3);
         assert_eq!(records[0].outcome, Outcome::Proxied);
         assert_eq!(records[1].outcome, Outcome::Blocked);
-        assert_eq!(records[1].pod, "reporting", "blocked requests are attributed too");
+        assert_eq!(
+            records[1].pod, "reporting",
+            "blocked requests are attributed too"
+        );
     }
     let (harness, _) = harness(&["--block-instance-metadata"]);
     let (status, body, _) = probe_json(&spec, &harness, "apps/reporting");

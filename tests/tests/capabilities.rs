@@ -130,6 +130,9 @@ fn the_redirect_installs_and_works_with_only_the_chart_capabilities() {
         exempt_self: false,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })
     .unwrap();
     let record = reader

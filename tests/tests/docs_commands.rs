@@ -332,6 +332,9 @@ fn documented_redirect_status_reads_a_pinned_redirect() {
         exempt_self: true,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })
     .expect("install");
     drop(redirect);

@@ -21,7 +21,7 @@ use hardening_support::{
 use podid_tests::{
     IMDS,
     emulator::{Endpoint, Fault},
-    harness::{AGENT_ADDR, AgentHarness, HarnessOptions},
+    harness::{AgentHarness, HarnessOptions},
     privileged::{ProcessCgroupGuard, preconditions_met},
     probe::{ProbeSpec, finish},
 };
@@ -31,11 +31,13 @@ fn active(harness: &AgentHarness) -> f64 {
     metric(&harness.metrics(), "podid_active_connections")
 }
 
-/// Opens a connection straight to the agent from the test process (not a
-/// workload: fine for limits that apply before attribution).
-fn dial_agent() -> TcpStream {
-    let addr: SocketAddr = AGENT_ADDR.parse().expect("agent address");
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+/// A connection to the agent through the redirect, from `alpha`'s cgroup:
+/// a direct dial has no kernel record and is refused at accept, before any
+/// of the limits under test would apply.
+fn dial_agent(harness: &AgentHarness) -> TcpStream {
+    let _in_alpha = ProcessCgroupGuard::enter(&harness.cgroup("apps/alpha"));
+    let stream = TcpStream::connect_timeout(&SocketAddr::V4(IMDS), Duration::from_secs(2))
+        .expect("redirected connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
@@ -157,7 +159,7 @@ fn header_size_and_count_are_capped_with_431() {
         }
     }
     // A client that streams header bytes forever is cut off at the cap.
-    let mut stream = dial_agent();
+    let mut stream = dial_agent(&harness);
     let mut sent = 0usize;
     let chunk = format!("GET / HTTP/1.1\r\nX-Endless: {}", "b".repeat(4096));
     let cut_off = (0..1000).any(|_| {
@@ -187,7 +189,7 @@ fn slow_clients_are_cut_off_by_the_header_and_request_time_limits() {
         let mut stream = TcpStream::connect(SocketAddr::V4(IMDS)).expect("redirected connect");
         stream
             .write_all(
-                b"POST /metadata/instance?api-version=2021-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 100000\r\n\r\n",
+                b"POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: 100000\r\n\r\n",
             )
             .expect("head");
         stream
@@ -220,7 +222,7 @@ fn slow_clients_are_cut_off_by_the_header_and_request_time_limits() {
 
     // A head that stops half-way: 408 JSON after the header timeout.
     let started = Instant::now();
-    let mut stream = dial_agent();
+    let mut stream = dial_agent(&harness);
     stream
         .write_all(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\n")
         .expect("partial head");
@@ -231,7 +233,7 @@ fn slow_clients_are_cut_off_by_the_header_and_request_time_limits() {
 
     // Trickling one byte every 200 ms does not extend it.
     let started = Instant::now();
-    let mut stream = dial_agent();
+    let mut stream = dial_agent(&harness);
     let head = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n";
     for byte in head.iter() {
         if stream.write_all(&[*byte]).is_err() || started.elapsed() > Duration::from_secs(10) {
@@ -250,7 +252,7 @@ fn slow_clients_are_cut_off_by_the_header_and_request_time_limits() {
     // completes the handshakes before the agent accepts them, so "none
     // active" alone can hold before the agent has even seen them: wait for
     // all 200 to be cut off as slow, and none to be left.
-    let idle: Vec<TcpStream> = (0..200).map(|_| dial_agent()).collect();
+    let idle: Vec<TcpStream> = (0..200).map(|_| dial_agent(&harness)).collect();
     wait_for(
         "the idle connections to be cut off and dropped",
         Duration::from_secs(15),
@@ -284,7 +286,8 @@ fn slow_clients_are_cut_off_by_the_header_and_request_time_limits() {
     );
     // The request cut off by the limit is still audited, and says why.
     let cut = harness.audit_record_where("the request cut off by the time limit", |r| {
-        r.path == "/metadata/instance" && r.reason.contains("outlasted the per-request time limit")
+        r.path == "/metadata/scheduledevents"
+            && r.reason.contains("outlasted the per-request time limit")
     });
     assert_eq!(cut.pod, "alpha", "{cut:?}");
 }

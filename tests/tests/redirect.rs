@@ -56,6 +56,9 @@ impl Fixture {
             exempt_self: true,
             exempt: vec![exempt.clone()],
             record_capacity,
+            record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+            guard: podid_agent::redirect::GuardInterfaces::Auto,
+            agent_started_ns: 0,
         })
         .expect("install the redirect");
         Self {
@@ -260,6 +263,9 @@ fn direct_connection_cannot_inherit_a_stale_record_for_its_4_tuple() {
         orig_addr: u32::from_ne_bytes(IMDS.ip().octets()),
         orig_port: u32::from(IMDS.port().to_be()),
         family: u32::from(podid_ebpf::AF_INET),
+        created_ns: 1,
+        flags: 0,
+        reserved: 0,
     };
     let pin = fx
         .bpffs
@@ -351,11 +357,16 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
 
     // A loader process installs, then exits without uninstalling.
     let first = agent_redirect(&install_args);
-    for program in ["podid_connect4", "podid_connect6", "podid_sock_ops"] {
+    for program in [
+        "podid_egress",
+        "podid_connect4",
+        "podid_connect6",
+        "podid_sock_ops",
+    ] {
         assert_eq!(first["attachments"][program], "attached", "{first}");
     }
     let attached = ours(&attached_programs(cgroups.path()));
-    assert_eq!(attached.len(), 3, "{attached:?}");
+    assert_eq!(attached.len(), 4, "{attached:?}");
 
     // With no loader running, a new connection is still redirected and recorded.
     let listener = TcpListener::bind(AGENT).unwrap();
@@ -375,6 +386,9 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
         exempt_self: true,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     };
     let second = Redirect::install(&options).unwrap();
     assert!(
@@ -437,10 +451,29 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         exempt_self: false,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })
     .unwrap();
+    // The stand-in stands for another vendor's connect-time translation, not
+    // for a second podid: its packet enforcement (which would drop what it
+    // takes for "IMDS", the agent's address) is switched off in its config.
+    let config_pin = other_bpffs
+        .pin_root()
+        .join(format!("v{}", podid_ebpf::ABI_VERSION))
+        .join(format!("map_{}", podid_ebpf::MAP_CONFIG));
+    let mut config: aya::maps::Array<_, podid_ebpf::RedirectConfig> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(aya::maps::MapData::from_pin(&config_pin).expect("pinned config")),
+    )
+    .expect("config map type");
+    let mut standin_config = config.get(&0, 0).expect("config");
+    standin_config.guard_mode = podid_ebpf::GUARD_OFF;
+    config
+        .set(0, standin_config, 0)
+        .expect("switch the stand-in's guard off");
     let parent_before = attached_programs(parent.path());
-    assert_eq!(parent_before.len(), 3, "{parent_before:?}");
+    assert_eq!(parent_before.len(), 4, "{parent_before:?}");
 
     let ours_installed = Redirect::install(&RedirectOptions {
         cgroup_root: pods.clone(),
@@ -450,6 +483,9 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         exempt_self: true,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })
     .unwrap();
     let standin_before = standin.counters().unwrap();
@@ -478,6 +514,9 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         exempt_self: true,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })
     .unwrap();
     Redirect::uninstall(&bpffs.pin_root()).unwrap();
@@ -551,4 +590,42 @@ fn counters_move_and_a_full_record_map_never_misattributes() {
         (after.recorded - before.recorded) + (after.record_missing - before.record_missing),
         CLIENTS as u64
     );
+}
+
+#[test]
+fn a_full_exempt_map_is_a_clear_error_and_dead_cgroups_are_pruned() {
+    if !preconditions_met("a_full_exempt_map_is_a_clear_error_and_dead_cgroups_are_pruned") {
+        return;
+    }
+    let _netns = NetNsGuard::new();
+    let bpffs = BpffsGuard::new();
+    let mut cgroups = CgroupGuard::new("exempt-full");
+    let live: Vec<PathBuf> = (0..podid_ebpf::EXEMPT_CAPACITY)
+        .map(|i| cgroups.child(&format!("live-{i}")))
+        .collect();
+    let root = cgroups.path().to_path_buf();
+    let options = |exempt: Vec<PathBuf>| RedirectOptions {
+        cgroup_root: root.clone(),
+        pin_root: bpffs.pin_root(),
+        imds: IMDS,
+        agent: AGENT,
+        exempt_self: false,
+        exempt,
+        record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
+    };
+    // 64 cgroups that exist fill the map; one more is a clear error.
+    drop(Redirect::install(&options(live.clone())).expect("64 exempt cgroups fit"));
+    let extra = cgroups.child("one-too-many");
+    let error = Redirect::install(&options(vec![extra.clone()]))
+        .expect_err("the 65th exempt cgroup does not fit")
+        .to_string();
+    assert!(error.contains("exempt-cgroup map is full"), "{error}");
+    // Once those cgroups are gone, the next install prunes them and fits.
+    for i in 0..podid_ebpf::EXEMPT_CAPACITY {
+        cgroups.remove_child(&format!("live-{i}"));
+    }
+    drop(Redirect::install(&options(vec![extra])).expect("pruned, so it fits"));
 }

@@ -113,6 +113,31 @@ fn resolve_under_mount(mount: &Cgroup2Mount, cgroup_path: &str) -> PathBuf {
     mount.mount_point.join(relative.trim_start_matches('/'))
 }
 
+/// The depth of the cgroup at `dir` in the cgroup2 hierarchy (the root is 0),
+/// as `bpf_skb_ancestor_cgroup_id` counts levels: the directories below the
+/// mount point, plus the depth of the cgroup mounted there.
+pub fn cgroup_level(dir: &Path) -> io::Result<u32> {
+    let mount = cgroup2_mount()?;
+    let dir = fs::canonicalize(dir)?;
+    let mount_point = fs::canonicalize(&mount.mount_point).unwrap_or(mount.mount_point.clone());
+    let below = dir.strip_prefix(&mount_point).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not below the cgroup2 mount {}",
+                dir.display(),
+                mount_point.display()
+            ),
+        )
+    })?;
+    let normal = |p: &Path| {
+        p.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count() as u32
+    };
+    Ok(normal(Path::new(&mount.root)) + normal(below))
+}
+
 /// The cgroup id of a cgroup v2 directory.
 pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
     let meta = fs::metadata(dir)?;

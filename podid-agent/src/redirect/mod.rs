@@ -8,6 +8,7 @@
 //! learns which cgroup is on the other end of an accepted connection.
 
 pub mod cgroup;
+pub mod guard;
 mod logs;
 mod peer_map;
 pub mod pins;
@@ -17,23 +18,26 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use podid_ebpf::{
-    AF_INET6, ConnectRecord, Counter, MAP_CONFIG, MAP_COUNTERS, MAP_EXEMPT_CGROUPS,
-    MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS,
-    PeerKey, RedirectConfig,
+    AF_INET6, ConnectRecord, Counter, EXEMPT_CAPACITY, GUARD_BOOT, GUARD_RUNNING, MAP_CONFIG,
+    MAP_COUNTERS, MAP_EXEMPT_CGROUPS, MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER, PROG_CONNECT4,
+    PROG_CONNECT6, PROG_EGRESS, PROG_IMDS_GUARD, PROG_SOCK_OPS, PeerKey, RECORD_COLLISION,
+    RedirectConfig,
 };
 use tracing::{debug, info, warn};
 
+pub use guard::GuardInterfaces;
 pub use logs::forward_kernel_logs;
 pub use pins::{DEFAULT_PIN_ROOT, PinLayout};
 
@@ -106,6 +110,17 @@ pub enum RedirectError {
     },
     #[error("the agent address must be IPv4, got {0}")]
     NotIpv4(SocketAddr),
+    #[error("the IMDS guard on interface {interface}: {action}")]
+    Guard {
+        interface: String,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the exempt-cgroup map is full ({EXEMPT_CAPACITY} entries, all of cgroups that still exist); remove --exempt-cgroup entries or run `podid-agent redirect uninstall` and reinstall"
+    )]
+    ExemptFull,
 }
 
 type Result<T, E = RedirectError> = std::result::Result<T, E>;
@@ -128,13 +143,30 @@ pub struct RedirectOptions {
     pub exempt: Vec<PathBuf>,
     /// Capacity of each record map, when the maps are first created.
     pub record_capacity: Option<u32>,
+    /// A record not taken within this time is stale (the kernel lets
+    /// another cgroup's connection replace it; the agent refuses it).
+    pub record_max_age: Duration,
+    /// Where the tc guard goes.
+    pub guard: GuardInterfaces,
+    /// CLOCK_MONOTONIC nanoseconds when the agent started, before it bound
+    /// its listener; 0 when no agent serves (`redirect install`).
+    pub agent_started_ns: u64,
 }
+
+/// The default [`RedirectOptions::record_max_age`]: a connection's SYN may
+/// be retransmitted at 1, 3 and 7 s before it is accepted.
+pub const DEFAULT_RECORD_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// What the kernel recorded about the client of an accepted connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerRecord {
-    /// cgroup id of the task that called `connect()`.
+    /// cgroup id of the task that called `connect()` (0 for a collision).
     pub cgroup_id: u64,
+    /// CLOCK_MONOTONIC nanoseconds when the record was written.
+    pub created_ns: u64,
+    /// Two connections of different cgroups (network namespaces) used the
+    /// same 4-tuple before the agent took either: nobody may be attributed.
+    pub collision: bool,
     /// Its process id.
     pub tgid: u32,
     /// The destination it asked for, before the rewrite.
@@ -147,6 +179,8 @@ impl From<ConnectRecord> for PeerRecord {
     fn from(r: ConnectRecord) -> Self {
         Self {
             cgroup_id: r.cgroup_id,
+            created_ns: r.created_ns,
+            collision: r.flags & RECORD_COLLISION != 0,
             tgid: r.tgid,
             original_destination: SocketAddrV4::new(
                 Ipv4Addr::from(r.orig_addr.to_ne_bytes()),
@@ -165,6 +199,9 @@ pub struct KernelCounters {
     pub recorded: u64,
     pub record_missing: u64,
     pub record_failed: u64,
+    pub record_collision: u64,
+    pub egress_dropped: u64,
+    pub guard_dropped: u64,
 }
 
 impl KernelCounters {
@@ -183,6 +220,9 @@ impl KernelCounters {
             Counter::Recorded => self.recorded,
             Counter::RecordMissing => self.record_missing,
             Counter::RecordFailed => self.record_failed,
+            Counter::RecordCollision => self.record_collision,
+            Counter::EgressDropped => self.egress_dropped,
+            Counter::GuardDropped => self.guard_dropped,
         }
     }
 }
@@ -202,6 +242,7 @@ pub enum Attachment {
 pub struct Redirect {
     layout: PinLayout,
     cgroup_id: u64,
+    guarded: Vec<String>,
     peers: peer_map::PeerMap,
     exempt: Mutex<HashMap<MapData, u64, u32>>,
     counters: PerCpuArray<MapData, u64>,
@@ -276,20 +317,15 @@ impl Redirect {
                 source,
             })?;
 
-        let map_paths: Vec<(&'static str, PathBuf)> = podid_ebpf::ALL_MAPS
-            .iter()
-            .map(|name| (*name, layout.map(name)))
-            .collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        if let Some(capacity) = options.record_capacity {
-            loader.map_max_entries(MAP_PEER_RECORDS, capacity);
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(RedirectError::Load)?;
+        let mut ebpf = load_pinned(&layout, options.record_capacity)?;
 
         // Configuration and exemptions go in before anything is attached.
+        let (guarded, guard_l2_len) = guard_interfaces(&options.guard, options.imds)?;
+        let attach_cgroup_level =
+            cgroup::cgroup_level(&options.cgroup_root).map_err(|source| RedirectError::Cgroup {
+                path: options.cgroup_root.clone(),
+                source,
+            })?;
         let (imds_addr, imds_port) = ipv4_parts(options.imds);
         let (agent_addr, agent_port) = ipv4_parts(options.agent);
         let config = RedirectConfig {
@@ -297,6 +333,14 @@ impl Redirect {
             imds_port,
             agent_addr,
             agent_port,
+            record_stale_ns: u64::try_from(options.record_max_age.as_nanos()).unwrap_or(u64::MAX),
+            attach_cgroup_id: cgroup_id,
+            attach_cgroup_level,
+            guard_mode: GUARD_RUNNING,
+            allow_cgroup_id: 0,
+            allow_cgroup_level: 0,
+            guard_l2_len,
+            agent_started_ns: options.agent_started_ns,
         };
         let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         config_map
@@ -325,12 +369,14 @@ impl Redirect {
         let mut redirect = Redirect {
             layout,
             cgroup_id,
+            guarded,
             peers,
             exempt: Mutex::new(exempt),
             counters,
             attachments: Vec::new(),
             ebpf: Mutex::new(None),
         };
+        redirect.prune_exempt();
         if options.exempt_self {
             let own = cgroup::own_cgroup_dir().map_err(|source| RedirectError::Cgroup {
                 path: PathBuf::from("/proc/self/cgroup"),
@@ -347,10 +393,16 @@ impl Redirect {
                 path: options.cgroup_root.clone(),
                 source,
             })?;
-        for program in [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS] {
+        // The boundary below the socket layer first, then the redirect.
+        for iface in redirect.guarded.clone() {
+            let attachment = guard::attach(&mut ebpf, &redirect.layout, &iface)?;
+            redirect.attachments.push((PROG_IMDS_GUARD, attachment));
+        }
+        for program in [PROG_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS] {
             let attachment = redirect.attach_pinned(&mut ebpf, program, &cgroup_file)?;
             redirect.attachments.push((program, attachment));
         }
+        guard::remove_stale(&redirect.layout, &guard::indexes(&redirect.guarded));
         redirect.remove_stale_pins();
         info!(
             cgroup = %options.cgroup_root.display(),
@@ -358,6 +410,7 @@ impl Redirect {
             imds = %options.imds,
             agent = %options.agent,
             pins = %redirect.layout.dir().display(),
+            guarded = ?redirect.guarded,
             attachments = ?redirect.attachments,
             "kernel redirect installed"
         );
@@ -398,6 +451,21 @@ impl Redirect {
                 }
                 let id = p
                     .attach(cgroup, LINK_ATTACH_MODE)
+                    .map_err(prog_err("attaching"))?;
+                let link = p.take_link(id).map_err(prog_err("taking the link"))?;
+                fd_link = FdLink::try_from(link)
+                    .map_err(|source| RedirectError::Link { program, source })?;
+                repin_program(&prog_pin, |path| p.pin(path))?;
+            }
+            aya::programs::Program::CgroupSkb(p) => {
+                let p: &mut CgroupSkb = p;
+                p.load().map_err(prog_err("loading"))?;
+                new_tag = p.info().map_err(prog_err("reading info"))?.tag();
+                if pinned_link_runs(&link_pin, &prog_pin, new_tag) {
+                    return Ok(Attachment::Reused);
+                }
+                let id = p
+                    .attach(cgroup, CgroupSkbAttachType::Egress, LINK_ATTACH_MODE)
                     .map_err(prog_err("attaching"))?;
                 let link = p.take_link(id).map_err(prog_err("taking the link"))?;
                 fd_link = FdLink::try_from(link)
@@ -446,7 +514,7 @@ impl Redirect {
     /// Removes links to other cgroups and pins of other ABI versions, once our
     /// own links are in place.
     fn remove_stale_pins(&self) {
-        for program in [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS] {
+        for program in [PROG_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS] {
             match self.layout.stale_links(program, self.cgroup_id) {
                 Ok(stale) => {
                     for path in stale {
@@ -472,9 +540,46 @@ impl Redirect {
         }
     }
 
-    /// Detaches and unpins everything podid pinned under `pin_root`.
+    /// Detaches and unpins everything podid pinned under `pin_root`, and
+    /// removes its netlink guard filters from this network namespace's
+    /// interfaces.
     pub fn uninstall(pin_root: &Path) -> std::io::Result<Vec<PathBuf>> {
-        pins::remove_all(pin_root)
+        let removed = pins::remove_all(pin_root)?;
+        for iface in guard::detach_netlink_filters() {
+            info!(interface = %iface, "removed the IMDS guard filter");
+        }
+        Ok(removed)
+    }
+
+    /// The interfaces the tc guard is attached to.
+    pub fn guarded_interfaces(&self) -> &[String] {
+        &self.guarded
+    }
+
+    /// Removes exempt entries of cgroups that no longer exist. Every agent
+    /// start exempts its own (new) cgroup; without this a crash loop fills
+    /// the map, and the next start fails.
+    fn prune_exempt(&self) {
+        let mut exempt = self.exempt.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<u64> = exempt.keys().filter_map(Result::ok).collect();
+        let Ok(mount) = cgroup::cgroup2_mount() else {
+            return;
+        };
+        let Ok(paths) = crate::attribution::CgroupPaths::new(&mount.mount_point) else {
+            return;
+        };
+        let mut pruned = 0;
+        for id in ids {
+            if paths.path_of(id).is_none() && exempt.remove(&id).is_ok() {
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            info!(
+                pruned,
+                "removed exempt entries of cgroups that no longer exist"
+            );
+        }
     }
 
     /// How each program was attached by [`Redirect::install`].
@@ -493,15 +598,20 @@ impl Redirect {
             path: dir.to_path_buf(),
             source,
         })?;
-        self.exempt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, 1, 0)
-            .map_err(|source| RedirectError::Map {
-                map: MAP_EXEMPT_CGROUPS,
-                action: "adding an exempt cgroup",
-                source,
-            })?;
+        let mut exempt = self.exempt.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(source) = exempt.insert(id, 1, 0) {
+            let full = matches!(&source, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG));
+            return Err(if full {
+                RedirectError::ExemptFull
+            } else {
+                RedirectError::Map {
+                    map: MAP_EXEMPT_CGROUPS,
+                    action: "adding an exempt cgroup",
+                    source,
+                }
+            });
+        }
+        drop(exempt);
         debug!(cgroup = %dir.display(), cgroup_id = id, "exempt from the redirect");
         Ok(id)
     }
@@ -581,7 +691,140 @@ fn sum_counters(counters: &PerCpuArray<MapData, u64>) -> Result<KernelCounters> 
         recorded: totals[Counter::Recorded as usize],
         record_missing: totals[Counter::RecordMissing as usize],
         record_failed: totals[Counter::RecordFailed as usize],
+        record_collision: totals[Counter::RecordCollision as usize],
+        egress_dropped: totals[Counter::EgressDropped as usize],
+        guard_dropped: totals[Counter::GuardDropped as usize],
     })
+}
+
+/// Loads the object, its maps pinned under `layout` (reused when pinned
+/// already, so a boot guard, an earlier agent and this one share them).
+fn load_pinned(layout: &PinLayout, record_capacity: Option<u32>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<(&'static str, PathBuf)> = podid_ebpf::ALL_MAPS
+        .iter()
+        .map(|name| (*name, layout.map(name)))
+        .collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    if let Some(capacity) = record_capacity {
+        loader.map_max_entries(MAP_PEER_RECORDS, capacity);
+    }
+    loader.load(OBJECT).map_err(RedirectError::Load)
+}
+
+/// The interfaces to guard and their link-layer header length (one length
+/// for all: the program reads one offset).
+fn guard_interfaces(
+    interfaces: &GuardInterfaces,
+    imds: SocketAddrV4,
+) -> Result<(Vec<String>, u32)> {
+    let guarded =
+        guard::resolve(interfaces, *imds.ip()).map_err(|source| RedirectError::Guard {
+            interface: "(route to IMDS)".into(),
+            action: "reading the routing table",
+            source,
+        })?;
+    let l2_len = match guarded.first() {
+        Some(iface) => guard::link_layer_len(iface).map_err(|source| RedirectError::Guard {
+            interface: iface.clone(),
+            action: "reading its link type",
+            source,
+        })?,
+        None => 0,
+    };
+    if let Some(other) = guarded
+        .iter()
+        .skip(1)
+        .find(|i| guard::link_layer_len(i).ok() != Some(l2_len))
+    {
+        return Err(RedirectError::Guard {
+            interface: other.clone(),
+            action: "guarding interfaces of different link types at once",
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        });
+    }
+    Ok((guarded, l2_len))
+}
+
+/// How to install the boot guard.
+#[derive(Debug, Clone)]
+pub struct BootGuardOptions {
+    /// bpffs directory for pins (the agent's).
+    pub pin_root: PathBuf,
+    /// The IMDS address.
+    pub imds: SocketAddrV4,
+    /// The cgroup whose sockets keep reaching IMDS (the host's services,
+    /// `system.slice`); everything else is dropped until an agent attaches.
+    pub allow_cgroup: PathBuf,
+    /// Where the guard goes.
+    pub guard: GuardInterfaces,
+}
+
+/// Installs the tc guard alone, in boot mode, before any agent runs (at
+/// node boot, from a systemd unit ordered before the container runtime and
+/// kubelet): IMDS-bound packets pass only from sockets below
+/// `allow_cgroup` or of the root cgroup. The agent's
+/// [`Redirect::install`] later reuses the pinned maps and program and
+/// switches the mode. Returns the interfaces guarded.
+pub fn install_boot_guard(options: &BootGuardOptions) -> Result<Vec<String>> {
+    raise_memlock_limit();
+    let layout = PinLayout::new(&options.pin_root);
+    layout.prepare().map_err(|source| RedirectError::Pins {
+        path: layout.root().to_path_buf(),
+        source,
+    })?;
+    let cgroup_err = |source| RedirectError::Cgroup {
+        path: options.allow_cgroup.clone(),
+        source,
+    };
+    cgroup::ensure_cgroup2(&options.allow_cgroup).map_err(cgroup_err)?;
+    let allow_cgroup_id = cgroup::cgroup_id(&options.allow_cgroup).map_err(cgroup_err)?;
+    let allow_cgroup_level = cgroup::cgroup_level(&options.allow_cgroup).map_err(cgroup_err)?;
+    let mut ebpf = load_pinned(&layout, None)?;
+    let (guarded, guard_l2_len) = guard_interfaces(&options.guard, options.imds)?;
+    if guarded.is_empty() {
+        return Err(RedirectError::Guard {
+            interface: "(route to IMDS)".into(),
+            action: "finding an interface: nothing routes the IMDS address yet",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let (imds_addr, imds_port) = ipv4_parts(options.imds);
+    let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
+    let running = config_map
+        .get(&0, 0)
+        .is_ok_and(|c| c.guard_mode == GUARD_RUNNING);
+    if running {
+        // An agent is attached already (the unit ran late): leave it be.
+        info!("an agent runs the guard already; boot mode not needed");
+        return Ok(guarded);
+    }
+    config_map
+        .set(
+            0,
+            RedirectConfig {
+                imds_addr,
+                imds_port,
+                guard_mode: GUARD_BOOT,
+                allow_cgroup_id,
+                allow_cgroup_level,
+                guard_l2_len,
+                ..RedirectConfig::default()
+            },
+            0,
+        )
+        .map_err(|source| RedirectError::Map {
+            map: MAP_CONFIG,
+            action: "writing the boot configuration",
+            source,
+        })?;
+    for iface in &guarded {
+        guard::attach(&mut ebpf, &layout, iface)?;
+    }
+    info!(interfaces = ?guarded, allow = %options.allow_cgroup.display(), "IMDS boot guard installed");
+    Ok(guarded)
 }
 
 /// Whether `link_pin` is a live link running the program pinned at
@@ -639,6 +882,9 @@ mod tests {
     fn peer_record_decodes_network_order() {
         let record = ConnectRecord {
             cgroup_id: 42,
+            created_ns: 5,
+            flags: 0,
+            reserved: 0,
             tgid: 7,
             orig_addr: u32::from_ne_bytes([169, 254, 169, 254]),
             orig_port: u32::from(80u16.to_be()),

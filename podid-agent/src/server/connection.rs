@@ -12,7 +12,8 @@ use crate::{
 /// record its request leaves behind.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    pub record: Result<Option<PeerRecord>, String>,
+    /// The kernel's record, admitted at accept.
+    pub record: PeerRecord,
     audit: Mutex<AuditSlot>,
 }
 
@@ -34,7 +35,7 @@ pub(super) const TIMED_OUT: &str =
     "the request outlasted the per-request time limit; connection dropped";
 
 impl Connection {
-    pub(super) fn new(record: Result<Option<PeerRecord>, String>) -> Self {
+    pub(super) fn new(record: PeerRecord) -> Self {
         Self {
             record,
             audit: Mutex::new(AuditSlot::Waiting),

@@ -113,10 +113,7 @@ pub(crate) async fn handle<S: WorkloadSource>(
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    let (cgroup_id, pid) = match &connection.record {
-        Ok(Some(r)) => (r.cgroup_id, r.tgid),
-        _ => (0, 0),
-    };
+    let (cgroup_id, pid) = (connection.record.cgroup_id, connection.record.tgid);
     let mut audit = AuditRecord {
         ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         node: state.node.clone(),
@@ -274,15 +271,7 @@ async fn attribute<S: WorkloadSource>(
             reason,
         )
     };
-    let record = match &connection.record {
-        Ok(Some(record)) => *record,
-        Ok(None) => return Err(unattributed(Unattributed::NoRecord.to_string())),
-        Err(error) => {
-            return Err(unattributed(format!(
-                "kernel record lookup failed: {error}"
-            )));
-        }
-    };
+    let record = connection.record;
     let Some(path) = state.cgroups.path_of(record.cgroup_id) else {
         return Err(unattributed(
             Unattributed::CgroupGone(record.cgroup_id).to_string(),

@@ -6,6 +6,7 @@
 //! SDKs use IMDS anyway: attribution is per connection, and a fresh
 //! connection per request keeps it exact.
 
+pub mod admission;
 mod connection;
 pub mod forwarding;
 mod handler;
@@ -84,6 +85,8 @@ pub struct AppState<S> {
     pub settings: ServerSettings,
     /// Upstream HTTP client for proxied paths.
     pub proxy: proxy::Proxy,
+    /// Which kernel records are trusted.
+    pub record_rules: admission::RecordRules,
 }
 
 impl<S> AppState<S> {
@@ -98,6 +101,7 @@ impl<S> AppState<S> {
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         settings: ServerSettings,
+        record_rules: admission::RecordRules,
     ) -> Result<Self, proxy::ProxyError> {
         let proxy = proxy::Proxy::new(&settings.imds_endpoint, settings.proxy_timeout)?;
         Ok(Self {
@@ -110,6 +114,7 @@ impl<S> AppState<S> {
             metrics,
             settings,
             proxy,
+            record_rules,
         })
     }
 }
@@ -137,14 +142,29 @@ pub async fn serve<S: WorkloadSource>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let accepted_at = Instant::now();
+        let record =
+            match admission::admit(state.records.as_ref(), &state.record_rules, &stream, peer) {
+                Ok(record) => record,
+                Err(refusal) => {
+                    // Refused before anything is read: it never holds a place.
+                    tokio::spawn(refuse_unattributed(
+                        stream,
+                        state.clone(),
+                        refusal,
+                        accepted_at,
+                    ));
+                    continue;
+                }
+            };
         if active.load(Ordering::Relaxed) >= state.settings.max_connections {
             state.metrics.rejected_connection("connection_limit");
-            tokio::spawn(refuse(stream, peer, state.clone(), "connection_limit"));
+            tokio::spawn(refuse(stream, state.clone(), "connection_limit"));
             continue;
         }
         let guard = Arc::new(ActiveGuard::new(active.clone(), state.clone()));
         let state = state.clone();
-        tokio::spawn(serve_connection(stream, peer, state, guard));
+        tokio::spawn(serve_connection(stream, peer, record, state, guard));
     }
     let deadline = Instant::now() + state.settings.request_timeout;
     while active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
@@ -172,28 +192,70 @@ impl<S> Drop for ActiveGuard<S> {
     }
 }
 
-async fn refuse<S>(
+/// Answers `error` at once and closes, bounded to a second; what the
+/// client may still be sending is read and dropped, so that closing does not
+/// turn the answer into a reset.
+async fn answer_and_close(stream: &mut TcpStream, error: &imds::ImdsError) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&raw_error_response(error)).await;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        while matches!(
+            tokio::io::AsyncReadExt::read(stream, &mut sink).await,
+            Ok(n) if n > 0
+        ) {}
+    })
+    .await;
+}
+
+/// A connection whose kernel record cannot be trusted (see [`admission`]):
+/// 403 at once, audited, counted.
+async fn refuse_unattributed<S>(
     mut stream: TcpStream,
-    peer: SocketAddr,
     state: Arc<AppState<S>>,
-    reason: &'static str,
+    refusal: admission::Refusal,
+    accepted: Instant,
 ) {
-    // Take the kernel's record all the same: left in the map, it would wait
-    // for eviction under a 4-tuple that a later connection may reuse.
-    if let Ok(local) = stream.local_addr() {
-        let _ = state.records.take(peer, local);
-    }
+    state.metrics.unattributed(refusal.kind);
+    let error = imds::ImdsError::new(
+        http::StatusCode::FORBIDDEN,
+        "access_denied",
+        format!(
+            "podid could not tie this connection to a workload: {}",
+            refusal.reason
+        ),
+    );
+    let record = AuditRecord {
+        ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        node: state.node.clone(),
+        cgroup_id: refusal.cgroup_id,
+        pid: refusal.pid,
+        status: error.status.as_u16(),
+        outcome: Outcome::Unattributed,
+        reason: refusal.reason.clone(),
+        latency_us: accepted.elapsed().as_micros() as u64,
+        ..AuditRecord::default()
+    };
+    state.metrics.request(
+        "",
+        "",
+        Outcome::Unattributed,
+        error.status.as_u16(),
+        accepted.elapsed(),
+    );
+    answer_and_close(&mut stream, &error).await;
+    state.audit.record(record);
+    debug!(reason = %refusal.reason, "connection refused at accept");
+}
+
+async fn refuse<S>(mut stream: TcpStream, state: Arc<AppState<S>>, reason: &'static str) {
     let error = imds::ImdsError::new(
         http::StatusCode::SERVICE_UNAVAILABLE,
         "temporarily_unavailable",
         "Too many connections; retry",
     )
     .with_retry_after(1);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = stream.write_all(&raw_error_response(&error)).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    answer_and_close(&mut stream, &error).await;
     debug!(reason, node = %state.node, "connection refused by limit");
 }
 
@@ -202,25 +264,12 @@ async fn refuse<S>(
 async fn serve_connection<S: WorkloadSource>(
     mut stream: TcpStream,
     peer: SocketAddr,
+    record: PeerRecord,
     state: Arc<AppState<S>>,
     active: Arc<ActiveGuard<S>>,
 ) {
     let accepted = Instant::now();
-    let record = match stream.local_addr() {
-        Ok(local) => state.records.take(peer, local).map_err(|e| {
-            format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
-            )
-        }),
-        Err(e) => Err(format!("local address: {e}")),
-    };
-    let (cgroup_id, pid) = match &record {
-        Ok(Some(r)) => (r.cgroup_id, r.tgid),
-        _ => (0, 0),
-    };
+    let (cgroup_id, pid) = (record.cgroup_id, record.tgid);
     let span = debug_span!("connection", %peer, cgroup_id, pid);
     async move {
         let limits = HeadLimits {

@@ -161,6 +161,9 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
         exempt_self: false,
         exempt: vec![],
         record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        agent_started_ns: 0,
     })?;
     // (c) aad-pod-identity's rule. The node netns is this run's own and goes
     // away with it; the rule is still removed explicitly.
