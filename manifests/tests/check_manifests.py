@@ -155,6 +155,7 @@ SCENARIOS: list[tuple[str, dict]] = [
     ("events-no-secrets", {"agent": {"emitDenialEvents": True, "rbac": {"readSecrets": False}}}),
     ("controller-disabled", {"controller": {"enabled": False}}),
     ("detach-redirect", {"agent": {"detachRedirect": {"enabled": True}}}),
+    ("zero-policy", {"agent": {"listenMode": "pod-netns"}}),
     ("everything", {
         "namespaced": True,
         "logging": {"level": "debug", "format": "json"},
@@ -599,8 +600,10 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
 
     def caps_ok(c: dict) -> None:
         add = set((c.get("securityContext") or {}).get("capabilities", {}).get("add") or [])
-        report.check(add == set(v["agent"]["capabilities"]), f"{where}: {c['name']} adds exactly agent.capabilities")
-        report.check(REQUIRED_AGENT_CAPABILITIES <= add <= ALLOWED_AGENT_CAPABILITIES,
+        zero_policy = {"SYS_ADMIN"} if v["agent"]["listenMode"] == "pod-netns" else set()
+        report.check(add == set(v["agent"]["capabilities"]) | zero_policy,
+                     f"{where}: {c['name']} adds exactly agent.capabilities (and SYS_ADMIN in pod-netns mode)")
+        report.check(REQUIRED_AGENT_CAPABILITIES <= add <= ALLOWED_AGENT_CAPABILITIES | zero_policy,
                      f"{where}: {c['name']} capabilities {sorted(add)} within {sorted(ALLOWED_AGENT_CAPABILITIES)}")
         report.check(c["securityContext"].get("runAsUser") == 0, f"{where}: {c['name']} runs as uid 0 (capabilities need it)")
 
@@ -684,9 +687,21 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         "audit-log-max-files": str(v["agent"]["audit"]["maxFiles"]) if v["agent"]["audit"]["enabled"] else None,
         "cgroup-root": f"/host/sys/fs/cgroup/{v['agent']['cgroupRoot'].lstrip('/')}" if v["agent"]["cgroupRoot"] else None,
         "forward": ",".join(v["agent"]["forward"]) or None,
+        "listen-mode": "pod-netns" if v["agent"]["listenMode"] == "pod-netns" else None,
+        "pod-netns-dir": "/host/var/run/netns" if v["agent"]["listenMode"] == "pod-netns" else None,
+        "max-pod-listeners": str(v["agent"]["maxPodListeners"]) if v["agent"]["listenMode"] == "pod-netns" else None,
+        "pod-listener-port": str(v["agent"]["listenPort"]) if v["agent"]["listenMode"] == "pod-netns" else None,
         "cloud-config": "/etc/kubernetes/azure.json" if v["agent"]["cloudConfigHostPath"] else None,
         **identity_rule_flags(v),
     }
+    if v["agent"]["listenMode"] == "pod-netns":
+        m = mounts.get("pod-netns") or {}
+        report.check(volumes.get("pod-netns", {}).get("hostPath", {}).get("path") == v["agent"]["podNetnsHostPath"]
+                     and m.get("mountPath") == "/host/var/run/netns" and m.get("readOnly") is True
+                     and m.get("mountPropagation") == "HostToContainer",
+                     f"{where}: pod-netns mode mounts the runtime's netns files read-only with HostToContainer propagation")
+    else:
+        report.check("pod-netns" not in volumes, f"{where}: no pod netns mount in node mode")
     if v["agent"]["cloudConfigHostPath"]:
         report.check(volumes.get("cloud-config", {}).get("hostPath") == {"path": v["agent"]["cloudConfigHostPath"], "type": "File"}
                      and mounts.get("cloud-config", {}).get("readOnly") is True,

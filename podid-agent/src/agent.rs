@@ -16,11 +16,12 @@ use tracing::{info, warn};
 use crate::{
     attribution::CgroupPaths,
     audit::{AuditConfig, AuditLog},
-    config::{Mode, RunArgs},
+    config::{ListenMode, Mode, RunArgs},
     health::{self, Readiness},
     identity::NamespaceRule,
     metrics::{Metrics, ScrapeSource},
-    redirect::{self, Redirect, RedirectOptions, cgroup},
+    pod_listeners::{self, PodListenerConfig},
+    redirect::{self, PodListenerRange, Redirect, RedirectOptions, cgroup},
     server::{self, AppState, ServerSettings, admission::RecordRules, forwarding::ForwardPolicy},
     tokens::{
         FileSecretSource, SecretSource, TokenConfig, TokenService, Upstream, UpstreamObserver,
@@ -179,6 +180,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             record_max_age: args.boundary.record_max_age,
             guard: args.boundary.guard(),
             agent_started_ns: record_rules.started_ns,
+            pod_listeners: (args.listen_mode == ListenMode::PodNetns).then_some(PodListenerRange {
+                net: pod_listeners::POD_LISTENER_NET,
+                prefix: pod_listeners::POD_LISTENER_PREFIX,
+                port: args.pod_listener_port,
+            }),
         })
         .context("installing the kernel redirect")?,
     );
@@ -233,7 +239,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         header_timeout: args.header_timeout,
         ..ServerSettings::default()
     };
+    let pod_listener_config =
+        (args.listen_mode == ListenMode::PodNetns).then(|| PodListenerConfig {
+            netns_dir: args.pod_netns_dir.clone(),
+            port: args.pod_listener_port,
+            max: args.max_pod_listeners,
+            scan_every: Duration::from_secs(1),
+        });
     let serving = Serving {
+        pod_listener_config,
         record_rules,
         node: node.clone(),
         listener,
@@ -333,6 +347,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// What both modes serve with, once the source is known.
 struct Serving {
+    pod_listener_config: Option<PodListenerConfig>,
     record_rules: RecordRules,
     node: String,
     listener: TcpListener,
@@ -373,6 +388,7 @@ impl Serving {
         tokens: Arc<TokenService>,
     ) -> anyhow::Result<()> {
         let records: Arc<dyn server::PeerRecords> = self.redirect.clone();
+        let metrics = self.metrics.clone();
         let state = Arc::new(AppState::new(
             self.node,
             source,
@@ -384,7 +400,24 @@ impl Serving {
             self.settings,
             self.record_rules,
         )?);
-        let serving = tokio::spawn(server::serve(self.listener, state, self.stopped.clone()));
+        let serving = tokio::spawn(server::serve(
+            self.listener,
+            state.clone(),
+            self.stopped.clone(),
+        ));
+        if let Some(config) = self.pod_listener_config {
+            let stopped = self.stopped.clone();
+            let serve = move |listener| {
+                tokio::spawn(server::serve(listener, state.clone(), stopped.clone()))
+            };
+            tokio::spawn(pod_listeners::run(
+                config,
+                self.redirect.clone(),
+                metrics,
+                serve,
+                self.stopped.clone(),
+            ));
+        }
 
         wait_for_signal().await;
         info!("shutting down; the kernel redirect stays pinned");

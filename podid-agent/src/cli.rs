@@ -199,6 +199,7 @@ impl InstallArgs {
             record_max_age: self.boundary.record_max_age,
             guard: self.boundary.guard(),
             agent_started_ns: 0,
+            pod_listeners: None,
         })
     }
 }

@@ -27,6 +27,17 @@ pub enum Mode {
     Managed,
 }
 
+/// Where pods' IMDS connections are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListenMode {
+    /// To the agent on `<node IP>:2579`: network policy must allow it.
+    Node,
+    /// To a listener of the agent inside each pod's own network namespace:
+    /// the connection never leaves the pod, no policy applies to it
+    /// (needs CAP_SYS_ADMIN and the runtime's netns files).
+    PodNetns,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -174,6 +185,26 @@ pub struct RunArgs {
     /// The kernel boundary (record age, the IMDS guard).
     #[command(flatten)]
     pub boundary: BoundaryArgs,
+
+    /// `node`: pods' IMDS connections go to --listen (network policy must
+    /// allow it). `pod-netns`: to a listener of the agent inside each pod's
+    /// network namespace (zero-policy mode).
+    #[arg(long, env = "PODID_LISTEN_MODE", value_enum, default_value = "node")]
+    pub listen_mode: ListenMode,
+
+    /// pod-netns mode: where the container runtime keeps pods' network
+    /// namespace files.
+    #[arg(long, env = "PODID_POD_NETNS_DIR", default_value = "/var/run/netns")]
+    pub pod_netns_dir: PathBuf,
+
+    /// pod-netns mode: the port of the pods' listeners (on 127.64.0.0/10).
+    #[arg(long, env = "PODID_POD_LISTENER_PORT", default_value_t = 2579)]
+    pub pod_listener_port: u16,
+
+    /// pod-netns mode: pod listeners at most; further pods use the node
+    /// listener.
+    #[arg(long, env = "PODID_MAX_POD_LISTENERS", default_value_t = 1024)]
+    pub max_pod_listeners: usize,
 
     /// Standard mode: how long a request waits for an identity that is being
     /// assigned, before answering 503 with Retry-After.

@@ -18,6 +18,7 @@ pub mod health;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod pod_listeners;
 pub mod redirect;
 pub mod server;
 pub mod telemetry;

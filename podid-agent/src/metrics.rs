@@ -126,6 +126,7 @@ pub struct Metrics {
     unattributed: Family<ReasonLabels, Counter>,
     rejected_connections: Family<ReasonLabels, Counter>,
     active_connections: Gauge,
+    pod_listeners: Gauge,
     scrape: Arc<OnceLock<Arc<dyn ScrapeSource>>>,
 }
 
@@ -196,6 +197,12 @@ impl Metrics {
             "Connections being served",
             active_connections.clone(),
         );
+        let pod_listeners = Gauge::default();
+        registry.register(
+            "podid_pod_listeners",
+            "Zero-policy mode: listeners open inside pods' network namespaces",
+            pod_listeners.clone(),
+        );
         let scrape = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ScrapeCollector {
             source: scrape.clone(),
@@ -210,6 +217,7 @@ impl Metrics {
             unattributed,
             rejected_connections,
             active_connections,
+            pod_listeners,
             scrape,
         }
     }
@@ -288,6 +296,11 @@ impl Metrics {
     /// The active-connections gauge.
     pub fn active_connections(&self) -> &Gauge {
         &self.active_connections
+    }
+
+    /// The pod-listeners gauge (zero-policy mode).
+    pub fn pod_listeners(&self) -> &Gauge {
+        &self.pod_listeners
     }
 
     /// The text exposition.

@@ -43,16 +43,21 @@ pub const MAP_DIRECT_SOCKETS: &str = "DIRECT_SOCKETS";
 pub const MAP_PEER_RECORDS: &str = "PEER_RECORDS";
 /// Per-CPU array of `u64` counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Hash: network namespace cookie → [`PodListener`], the agent's listener
+/// inside that pod's network namespace (zero-policy mode). A namespace
+/// without one is redirected to the node listener.
+pub const MAP_POD_LISTENERS: &str = "POD_LISTENERS";
 /// aya-log's ring buffer.
 pub const MAP_AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every map in the object, in a fixed order (used for pinning).
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_CONFIG,
     MAP_EXEMPT_CGROUPS,
     MAP_DIRECT_SOCKETS,
     MAP_PEER_RECORDS,
     MAP_COUNTERS,
+    MAP_POD_LISTENERS,
     MAP_AYA_LOGS,
 ];
 
@@ -66,6 +71,9 @@ pub const DEFAULT_RECORD_CAPACITY: u32 = 65_536;
 pub const DIRECT_CAPACITY: u32 = 8_192;
 /// Capacity of the exempt cgroup set.
 pub const EXEMPT_CAPACITY: u32 = 64;
+/// Capacity of the pod listener map: pod network namespaces with a listener
+/// of their own at once.
+pub const POD_LISTENER_CAPACITY: u32 = 4096;
 
 /// Version of the map layouts and program contract. Pins live in a directory
 /// named after it, so an agent with an incompatible layout never reuses maps
@@ -133,6 +141,25 @@ pub struct RedirectConfig {
     /// that belongs to a connection that was refused: a new connection
     /// with the same 4-tuple replaces it.
     pub agent_started_ns: u64,
+    /// Zero-policy mode: the loopback range pod listeners are bound in,
+    /// network byte order (0 when the mode is off).
+    pub pod_listener_net: u32,
+    /// Its mask, network byte order.
+    pub pod_listener_mask: u32,
+    /// The port pod listeners use, network byte order in the low 16 bits.
+    pub pod_listener_port: u32,
+    /// Unused; keeps the size a multiple of 8.
+    pub reserved: u32,
+}
+
+/// A pod's own listener ([`MAP_POD_LISTENERS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodListener {
+    /// Its address (loopback, unique per pod), network byte order.
+    pub addr: u32,
+    /// Its port, network byte order in the low 16 bits.
+    pub port: u32,
 }
 
 /// What the kernel knows about a redirected connection.
@@ -239,9 +266,11 @@ mod pod {
     unsafe impl aya::Pod for super::RedirectConfig {}
     unsafe impl aya::Pod for super::ConnectRecord {}
     unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PodListener {}
 }
 
 // No implicit padding anywhere: the kernel and userspace must agree on every byte.
-const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<RedirectConfig>() == 80);
 const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 12);
+const _: () = assert!(core::mem::size_of::<PodListener>() == 8);

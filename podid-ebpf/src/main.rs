@@ -37,8 +37,8 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -48,8 +48,8 @@ use aya_log_ebpf::warn;
 use core::ptr::read_volatile;
 use podid_ebpf::{
     AF_INET, AF_INET6, ConnectRecord, Counter, DEFAULT_RECORD_CAPACITY, DIRECT_CAPACITY,
-    EXEMPT_CAPACITY, GUARD_BOOT, GUARD_OFF, GUARD_RUNNING, PeerKey, RECORD_COLLISION,
-    RedirectConfig,
+    EXEMPT_CAPACITY, GUARD_BOOT, GUARD_OFF, GUARD_RUNNING, POD_LISTENER_CAPACITY, PeerKey,
+    PodListener, RECORD_COLLISION, RedirectConfig,
 };
 
 /// `cgroup/connect*` programs must return 1 to let the `connect()` proceed.
@@ -74,6 +74,10 @@ static PEER_RECORDS: LruHashMap<PeerKey, ConnectRecord> =
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+#[map]
+static POD_LISTENERS: HashMap<u64, PodListener> =
+    HashMap::with_max_entries(POD_LISTENER_CAPACITY, 0);
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -92,13 +96,23 @@ fn config() -> Option<&'static RedirectConfig> {
     }
 }
 
+/// Whether a connection to `addr:port` (network order) goes to one of the
+/// agent's listeners: the node's, or a pod's (zero-policy mode).
+#[inline(always)]
+fn is_agent_listener(config: &RedirectConfig, addr: u32, port: u32) -> bool {
+    (addr == config.agent_addr && port == config.agent_port)
+        || (config.pod_listener_mask != 0
+            && addr & config.pod_listener_mask == config.pod_listener_net
+            && port == config.pod_listener_port)
+}
+
 /// Common part of connect4/connect6 once the destination is known as an IPv4
 /// address: decide, and tell the caller what to write back.
 #[inline(always)]
 fn redirect_target(ctx: &SockAddrContext, dst_addr: u32, dst_port: u32) -> Option<(u32, u32)> {
     let config = config()?;
     if dst_addr != config.imds_addr || dst_port != config.imds_port {
-        if dst_addr == config.agent_addr && dst_port == config.agent_port {
+        if is_agent_listener(config, dst_addr, dst_port) {
             mark_direct(ctx);
         }
         return None;
@@ -110,6 +124,16 @@ fn redirect_target(ctx: &SockAddrContext, dst_addr: u32, dst_port: u32) -> Optio
         return None;
     }
     count(Counter::Redirected);
+    if config.pod_listener_mask != 0 {
+        // Zero-policy mode: the pod's own listener, if it has one yet;
+        // otherwise the node's.
+        // SAFETY: ctx is the program's own bpf_sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        // SAFETY: plain-data map value, copied out at once.
+        if let Some(listener) = unsafe { POD_LISTENERS.get(&netns) } {
+            return Some((listener.addr, listener.port));
+        }
+    }
     Some((config.agent_addr, config.agent_port))
 }
 
@@ -236,11 +260,12 @@ fn record_peer(ctx: &SockOpsContext) {
             read_volatile(&(*ctx.ops).local_port),
         )
     };
-    let remote_port = u32::from_be(remote_port) as u16;
-    let agent_port = u16::from_be(config.agent_port as u16);
-    if remote_addr != config.agent_addr || remote_port != agent_port {
+    // remote_port as the config holds ports: network order, low 16 bits.
+    let remote_port_be = remote_port >> 16;
+    if !is_agent_listener(config, remote_addr, remote_port_be) {
         return;
     }
+    let remote_port = u32::from_be(remote_port) as u16;
     let key = PeerKey {
         client_addr: local_addr,
         agent_addr: remote_addr,

@@ -82,6 +82,11 @@ pub struct HarnessOptions {
     /// Build the box but leave starting the agent to the test
     /// ([`AgentHarness::start_agent`]).
     pub defer_agent: bool,
+    /// Zero-policy mode (`--listen-mode pod-netns`): the agent opens a
+    /// listener in each pod network namespace of [`HarnessOptions::pods`]
+    /// (its netns files are linked into a directory of the box's own, the
+    /// agent's `--pod-netns-dir`).
+    pub pod_netns_mode: bool,
 }
 
 /// A running harness.
@@ -237,6 +242,12 @@ impl AgentHarness {
             options,
             _netns: netns,
         };
+        if harness.network.is_some() {
+            fs::create_dir_all(harness.pod_netns_dir()).expect("pod netns dir");
+            for index in 0..harness.network.as_ref().map_or(0, |n| n.pods.len()) {
+                harness.link_pod_netns(index);
+            }
+        }
         if let Some(capacity) = harness.options.record_capacity {
             harness.preinstall_redirect(capacity);
         }
@@ -284,6 +295,16 @@ impl AgentHarness {
             .arg("--secrets-dir")
             .arg(self.dir.join("secrets"))
             .args(&self.spec.agent_args)
+            .args(if self.options.pod_netns_mode {
+                vec![
+                    "--listen-mode".into(),
+                    "pod-netns".into(),
+                    "--pod-netns-dir".into(),
+                    self.pod_netns_dir().display().to_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .env_remove("NODE_IP")
             .env(
                 "PODID_LOG",
@@ -397,6 +418,30 @@ impl AgentHarness {
             Some(_) => format!("{NODE_IP}:2579"),
             None => AGENT_ADDR.to_string(),
         }
+    }
+
+    /// The directory the agent finds pod network namespaces in
+    /// (zero-policy mode): links to the box's own pods only.
+    pub fn pod_netns_dir(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+
+    fn link_pod_netns(&self, index: usize) {
+        let pod = self.pod(index);
+        let _ = std::os::unix::fs::symlink(
+            pod.netns.path(),
+            self.pod_netns_dir().join(format!("pod-{index}")),
+        );
+    }
+
+    /// Adds a pod to the pod network (and, in zero-policy mode, to the
+    /// agent's netns directory); returns its index.
+    pub fn add_pod(&mut self) -> usize {
+        let network = self.network.as_mut().expect("a pod network");
+        network.add_pod();
+        let index = network.pods.len() - 1;
+        self.link_pod_netns(index);
+        index
     }
 
     /// Pod `index` of the pod network.

@@ -10,6 +10,7 @@ pub mod harness;
 pub mod http_server;
 pub mod kube;
 pub mod pod_network;
+pub mod policy;
 pub mod privileged;
 pub mod probe;
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  pod netns i                 node netns (the test thread's)                 wire netns
-//!  eth0 10.244.0.(10+i)/32 ── caliN (no IP, proxy_arp) ── routing ── imdsN ── wireN
+//!  eth0 10.244.0.10+i /32  ── caliN (no IP, proxy_arp) ── routing ── imdsN ── wireN
 //!  default via 169.254.1.1     10.244.0.x/32 dev caliN       192.168.169.1/30     192.168.169.2/30
 //!                              node IP 10.240.0.4 (on lo)                         169.254.169.254 on lo
 //!                              169.254.169.254 via wire                           (the IMDS emulator)
@@ -238,11 +238,8 @@ impl PodNetwork {
     /// Adds a pod: a namespace, a veth, a /32 and the routes a CNI sets.
     pub fn add_pod(&mut self) -> &Pod {
         let index = self.pods.len();
-        let ip = Ipv4Addr::new(
-            10,
-            244,
-            0,
-            10 + u8::try_from(index).expect("at most 245 pods"),
+        let ip = Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(10, 244, 0, 10)) + u32::try_from(index).expect("pod count"),
         );
         let netns = NamedNetns::new("pod");
         let host_if = format!("cali{}", unique());

@@ -630,6 +630,11 @@ impl PodNetns {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The host side of the veth pair.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
 }
 
 impl Drop for PodNetns {

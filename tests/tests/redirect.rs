@@ -59,6 +59,7 @@ impl Fixture {
             record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
             guard: podid_agent::redirect::GuardInterfaces::Auto,
             agent_started_ns: 0,
+            pod_listeners: None,
         })
         .expect("install the redirect");
         Self {
@@ -389,6 +390,7 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        pod_listeners: None,
     };
     let second = Redirect::install(&options).unwrap();
     assert!(
@@ -454,6 +456,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        pod_listeners: None,
     })
     .unwrap();
     // The stand-in stands for another vendor's connect-time translation, not
@@ -486,6 +489,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        pod_listeners: None,
     })
     .unwrap();
     let standin_before = standin.counters().unwrap();
@@ -517,6 +521,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        pod_listeners: None,
     })
     .unwrap();
     Redirect::uninstall(&bpffs.pin_root()).unwrap();
@@ -615,6 +620,7 @@ fn a_full_exempt_map_is_a_clear_error_and_dead_cgroups_are_pruned() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        pod_listeners: None,
     };
     // 64 cgroups that exist fill the map; one more is a clear error.
     drop(Redirect::install(&options(live.clone())).expect("64 exempt cgroups fit"));

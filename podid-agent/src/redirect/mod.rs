@@ -31,9 +31,9 @@ use aya::{
 };
 use podid_ebpf::{
     AF_INET6, ConnectRecord, Counter, EXEMPT_CAPACITY, GUARD_BOOT, GUARD_RUNNING, MAP_CONFIG,
-    MAP_COUNTERS, MAP_EXEMPT_CGROUPS, MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_EGRESS, PROG_IMDS_GUARD, PROG_SOCK_OPS, PeerKey, RECORD_COLLISION,
-    RedirectConfig,
+    MAP_COUNTERS, MAP_EXEMPT_CGROUPS, MAP_PEER_RECORDS, MAP_PEER_RECORDS as PEER,
+    MAP_POD_LISTENERS, PROG_CONNECT4, PROG_CONNECT6, PROG_EGRESS, PROG_IMDS_GUARD, PROG_SOCK_OPS,
+    PeerKey, PodListener, RECORD_COLLISION, RedirectConfig,
 };
 use tracing::{debug, info, warn};
 
@@ -151,6 +151,20 @@ pub struct RedirectOptions {
     /// CLOCK_MONOTONIC nanoseconds when the agent started, before it bound
     /// its listener; 0 when no agent serves (`redirect install`).
     pub agent_started_ns: u64,
+    /// Zero-policy mode: the loopback range and port of the pods' own
+    /// listeners (`None`: every pod goes to the node listener).
+    pub pod_listeners: Option<PodListenerRange>,
+}
+
+/// Where pod listeners live (zero-policy mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodListenerRange {
+    /// The network (a loopback range).
+    pub net: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The port every pod listener uses.
+    pub port: u16,
 }
 
 /// The default [`RedirectOptions::record_max_age`]: a connection's SYN may
@@ -245,6 +259,7 @@ pub struct Redirect {
     guarded: Vec<String>,
     peers: peer_map::PeerMap,
     exempt: Mutex<HashMap<MapData, u64, u32>>,
+    pod_listeners: Mutex<HashMap<MapData, u64, PodListener>>,
     counters: PerCpuArray<MapData, u64>,
     attachments: Vec<(&'static str, Attachment)>,
     // Kept so aya-log can be started later, and the programs stay loaded
@@ -341,6 +356,23 @@ impl Redirect {
             allow_cgroup_level: 0,
             guard_l2_len,
             agent_started_ns: options.agent_started_ns,
+            ..RedirectConfig::default()
+        };
+        let config = match options.pod_listeners {
+            Some(range) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(range.prefix))
+                    .unwrap_or(0);
+                RedirectConfig {
+                    pod_listener_net: u32::from_ne_bytes(
+                        Ipv4Addr::from(u32::from(range.net) & mask).octets(),
+                    ),
+                    pod_listener_mask: u32::from_ne_bytes(Ipv4Addr::from(mask).octets()),
+                    pod_listener_port: u32::from(range.port.to_be()),
+                    ..config
+                }
+            }
+            None => config,
         };
         let mut config_map: Array<MapData, RedirectConfig> = take_map(&mut ebpf, MAP_CONFIG)?;
         config_map
@@ -365,6 +397,8 @@ impl Redirect {
             None => return Err(RedirectError::MissingMap(PEER)),
         };
         let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, MAP_COUNTERS)?;
+        let pod_listeners: HashMap<MapData, u64, PodListener> =
+            take_map(&mut ebpf, MAP_POD_LISTENERS)?;
 
         let mut redirect = Redirect {
             layout,
@@ -372,11 +406,13 @@ impl Redirect {
             guarded,
             peers,
             exempt: Mutex::new(exempt),
+            pod_listeners: Mutex::new(pod_listeners),
             counters,
             attachments: Vec::new(),
             ebpf: Mutex::new(None),
         };
         redirect.prune_exempt();
+        redirect.clear_pod_listeners();
         if options.exempt_self {
             let own = cgroup::own_cgroup_dir().map_err(|source| RedirectError::Cgroup {
                 path: PathBuf::from("/proc/self/cgroup"),
@@ -549,6 +585,48 @@ impl Redirect {
             info!(interface = %iface, "removed the IMDS guard filter");
         }
         Ok(removed)
+    }
+
+    /// Zero-policy mode: sends the IMDS connections of the network namespace
+    /// `netns_cookie` to `addr`, the agent's listener inside it.
+    pub fn add_pod_listener(&self, netns_cookie: u64, addr: SocketAddrV4) -> Result<()> {
+        let (addr, port) = ipv4_parts(addr);
+        self.pod_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(netns_cookie, PodListener { addr, port }, 0)
+            .map_err(|source| RedirectError::Map {
+                map: MAP_POD_LISTENERS,
+                action: "adding a pod listener",
+                source,
+            })
+    }
+
+    /// Sends the namespace's IMDS connections back to the node listener.
+    pub fn remove_pod_listener(&self, netns_cookie: u64) -> Result<()> {
+        match self
+            .pod_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&netns_cookie)
+        {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(RedirectError::Map {
+                map: MAP_POD_LISTENERS,
+                action: "removing a pod listener",
+                source,
+            }),
+        }
+    }
+
+    /// Forgets every pod listener (an agent starting: the previous one's
+    /// sockets are gone with it).
+    fn clear_pod_listeners(&self) {
+        let mut map = self.pod_listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
     }
 
     /// The interfaces the tc guard is attached to.

@@ -87,6 +87,9 @@ pub struct AppState<S> {
     pub proxy: proxy::Proxy,
     /// Which kernel records are trusted.
     pub record_rules: admission::RecordRules,
+    /// Connections being served, over every listener (the node's and, in
+    /// zero-policy mode, the pods').
+    active: Arc<AtomicUsize>,
 }
 
 impl<S> AppState<S> {
@@ -115,6 +118,7 @@ impl<S> AppState<S> {
             settings,
             proxy,
             record_rules,
+            active: Arc::new(AtomicUsize::new(0)),
         })
     }
 }
@@ -126,7 +130,7 @@ pub async fn serve<S: WorkloadSource>(
     state: Arc<AppState<S>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let active = state.active.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

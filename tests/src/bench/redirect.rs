@@ -14,6 +14,11 @@
 //! a shared 2-core VM the absolute figures drift by more than the effect being
 //! measured, while the paired ratios do not.
 //!
+//! podid's enforcement programs are attached too: `podid_egress` on the
+//! hooked cgroup (every packet of (b)'s sockets) and the tc guard on the
+//! node's side of the pod's veth (every packet the node sends the pod, in
+//! all three variants). `--program-stats` prints what each costs a packet.
+//!
 //! Behind both listeners an acceptor does what the agent does with every
 //! connection: accept it and take its kernel record out of the peer map, so
 //! the record maps see production's insert-and-take cycle rather than filling
@@ -152,7 +157,11 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
 
     let agent_listener = deep_listener(AGENT)?;
     let baseline_listener = deep_listener(BASELINE)?;
-    // (b) our redirect, on the hooked cgroup only.
+    // (b) our redirect, on the hooked cgroup only. The tc guard goes on the
+    // node's side of the pod's veth, where every variant's replies leave
+    // the node: what it costs a packet that is not bound for IMDS (all of a
+    // node's traffic, on its real interface) shows in --program-stats, and
+    // it costs a, b and c alike.
     let redirect = Redirect::install(&RedirectOptions {
         cgroup_root: hooked.path().to_path_buf(),
         pin_root: bpffs.pin_root(),
@@ -162,8 +171,9 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
         exempt: vec![],
         record_capacity: None,
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
-        guard: podid_agent::redirect::GuardInterfaces::Auto,
+        guard: podid_agent::redirect::GuardInterfaces::Named(vec![pod.host_if().to_string()]),
         agent_started_ns: 0,
+        pod_listeners: None,
     })?;
     // (c) aad-pod-identity's rule. The node netns is this run's own and goes
     // away with it; the rule is still removed explicitly.

@@ -119,6 +119,10 @@ capabilities:
     - ALL
   add:
     {{- toYaml .Values.agent.capabilities | nindent 4 }}
+    {{- if eq .Values.agent.listenMode "pod-netns" }}
+    # Zero-policy mode: setns() into pods' network namespaces.
+    - SYS_ADMIN
+    {{- end }}
 seccompProfile:
   {{- toYaml .Values.agent.seccompProfile | nindent 2 }}
 {{- end }}
