@@ -156,6 +156,7 @@ SCENARIOS: list[tuple[str, dict]] = [
     ("controller-disabled", {"controller": {"enabled": False}}),
     ("detach-redirect", {"agent": {"detachRedirect": {"enabled": True}}}),
     ("zero-policy", {"agent": {"listenMode": "pod-netns"}}),
+    ("no-boot-guard", {"agent": {"bootGuard": {"enabled": False}, "imdsGuardInterfaces": ["eth0", "eth1"]}}),
     ("everything", {
         "namespaced": True,
         "logging": {"level": "debug", "format": "json"},
@@ -630,14 +631,20 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         report.check(spec.get("hostNetwork") is True and spec.get("automountServiceAccountToken") is False,
                      f"{where}: detacher on the host network (the guard's netlink filter), no API token")
         return
-    if v["agent"]["bootGuard"]["enabled"]:
-        unit = {c["name"]: c for c in spec.get("initContainers") or []}.get("install-boot-guard")
+    enabled = v["agent"]["bootGuard"]["enabled"]
+    name = "install-boot-guard" if enabled else "uninstall-boot-guard"
+    unit = {c["name"]: c for c in spec.get("initContainers") or []}.get(name)
+    if enabled:
         ok = (unit is not None and unit["args"][:2] == ["guard", "install-unit"]
               and arg_map(unit["args"]).get("allow-cgroup") == v["agent"]["bootGuard"]["allowCgroup"]
+              and arg_map(unit["args"]).get("imds-guard-interface") == ",".join(v["agent"]["imdsGuardInterfaces"])
               and not unit["securityContext"]["capabilities"].get("add")
               and {m["name"] for m in unit["volumeMounts"]} == {"host-systemd", "host-podid"}
               and not any(m["name"] in ("host-systemd", "host-podid") for c in spec.get("containers") or [] for m in c.get("volumeMounts") or []))
         report.check(ok, f"{where}: the boot unit is installed by an init container, the only one to mount /etc/systemd/system and /opt/podid")
+    else:
+        report.check(unit is not None and unit["args"][:2] == ["guard", "uninstall-unit"],
+                     f"{where}: with the boot guard off, an init container removes an earlier unit")
 
     report.check(spec.get("hostNetwork") is True, f"{where}: agent uses the host network")
     agent = {c["name"]: c for c in spec.get("containers") or []}.get("agent")
@@ -687,6 +694,8 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         "audit-log-max-files": str(v["agent"]["audit"]["maxFiles"]) if v["agent"]["audit"]["enabled"] else None,
         "cgroup-root": f"/host/sys/fs/cgroup/{v['agent']['cgroupRoot'].lstrip('/')}" if v["agent"]["cgroupRoot"] else None,
         "forward": ",".join(v["agent"]["forward"]) or None,
+        "record-max-age": v["agent"]["recordMaxAge"],
+        "imds-guard-interface": ",".join(v["agent"]["imdsGuardInterfaces"]),
         "listen-mode": "pod-netns" if v["agent"]["listenMode"] == "pod-netns" else None,
         "pod-netns-dir": "/host/var/run/netns" if v["agent"]["listenMode"] == "pod-netns" else None,
         "max-pod-listeners": str(v["agent"]["maxPodListeners"]) if v["agent"]["listenMode"] == "pod-netns" else None,
