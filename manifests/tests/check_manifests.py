@@ -155,7 +155,7 @@ SCENARIOS: list[tuple[str, dict]] = [
     ("events-no-secrets", {"agent": {"emitDenialEvents": True, "rbac": {"readSecrets": False}}}),
     ("controller-disabled", {"controller": {"enabled": False}}),
     ("detach-redirect", {"agent": {"detachRedirect": {"enabled": True}}}),
-    ("zero-policy", {"agent": {"listenMode": "pod-netns"}}),
+    ("zero-policy", {"agent": {"listenMode": "pod-netns", "egressGuard": True}}),
     ("no-boot-guard", {"agent": {"bootGuard": {"enabled": False}, "imdsGuardInterfaces": ["eth0", "eth1"]}}),
     ("everything", {
         "namespaced": True,
@@ -695,6 +695,7 @@ def check_agent(r: Rendered, report: Report, where: str) -> None:
         "cgroup-root": f"/host/sys/fs/cgroup/{v['agent']['cgroupRoot'].lstrip('/')}" if v["agent"]["cgroupRoot"] else None,
         "forward": ",".join(v["agent"]["forward"]) or None,
         "record-max-age": v["agent"]["recordMaxAge"],
+        "egress-guard": True if v["agent"]["egressGuard"] else None,
         "imds-guard-interface": ",".join(v["agent"]["imdsGuardInterfaces"]),
         "listen-mode": "pod-netns" if v["agent"]["listenMode"] == "pod-netns" else None,
         "pod-netns-dir": "/host/var/run/netns" if v["agent"]["listenMode"] == "pod-netns" else None,

@@ -180,6 +180,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             record_max_age: args.boundary.record_max_age,
             guard: args.boundary.guard(),
             agent_started_ns: record_rules.started_ns,
+            egress_guard: args.boundary.egress_guard,
             pod_listeners: (args.listen_mode == ListenMode::PodNetns).then_some(PodListenerRange {
                 net: pod_listeners::POD_LISTENER_NET,
                 prefix: pod_listeners::POD_LISTENER_PREFIX,
@@ -239,6 +240,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         header_timeout: args.header_timeout,
         ..ServerSettings::default()
     };
+    if args.listen_mode == ListenMode::PodNetns
+        && (args.max_pod_listeners == 0
+            || args.max_pod_listeners > podid_ebpf::POD_LISTENER_CAPACITY as usize)
+    {
+        anyhow::bail!(
+            "--max-pod-listeners must be between 1 and {} (the kernel map's size), got {}",
+            podid_ebpf::POD_LISTENER_CAPACITY,
+            args.max_pod_listeners
+        );
+    }
     let pod_listener_config =
         (args.listen_mode == ListenMode::PodNetns).then(|| PodListenerConfig {
             netns_dir: args.pod_netns_dir.clone(),

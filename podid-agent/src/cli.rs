@@ -199,6 +199,7 @@ impl InstallArgs {
             record_max_age: self.boundary.record_max_age,
             guard: self.boundary.guard(),
             agent_started_ns: 0,
+            egress_guard: self.boundary.egress_guard,
             pod_listeners: None,
         })
     }
@@ -290,6 +291,7 @@ fn run_guard(cmd: GuardCommand) -> anyhow::Result<()> {
             let guard = BoundaryArgs {
                 record_max_age: redirect::DEFAULT_RECORD_MAX_AGE,
                 guard_interfaces: args.guard_interfaces.clone(),
+                egress_guard: false,
             }
             .guard();
             let guarded = redirect::install_boot_guard(&redirect::BootGuardOptions {

@@ -68,6 +68,14 @@ pub struct BoundaryArgs {
         default_value = "auto"
     )]
     pub guard_interfaces: Vec<String>,
+
+    /// Also drop IMDS-bound packets of pods' sockets inside their own
+    /// network namespaces (cgroup_skb/egress on the attach cgroup), whatever
+    /// interface the node would route them through. The IMDS guard on the
+    /// node's interface already drops them when they leave; this costs every
+    /// packet every pod sends (see docs/security.md).
+    #[arg(long, env = "PODID_EGRESS_GUARD")]
+    pub egress_guard: bool,
 }
 
 impl BoundaryArgs {

@@ -65,7 +65,7 @@ struct Open {
 }
 
 /// The address of pod listener `index` (0-based).
-fn address(index: u32) -> Ipv4Addr {
+pub fn address(index: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(POD_LISTENER_NET) + 1 + index)
 }
 
@@ -92,8 +92,9 @@ fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// Opens a listening socket on `addr` inside the network namespace at
-/// `netns`, from a short-lived thread (namespaces are per thread).
-fn listen_in(netns: PathBuf, addr: SocketAddrV4) -> io::Result<(std::net::TcpListener, u64)> {
+/// `netns`, from a short-lived thread (namespaces are per thread). Returns
+/// it and the namespace's cookie.
+pub fn listen_in(netns: PathBuf, addr: SocketAddrV4) -> io::Result<(std::net::TcpListener, u64)> {
     std::thread::spawn(move || -> io::Result<(std::net::TcpListener, u64)> {
         let target = fs::File::open(&netns)?;
         // SAFETY: a netns fd; this thread is ours and ends right after.
@@ -187,6 +188,8 @@ pub async fn run<F>(
     let mut free: BTreeSet<u32> = BTreeSet::new();
     let mut next: u32 = 0;
     let mut full_warned = false;
+    // Namespaces whose listener failed, reported once each.
+    let mut failed_logged: BTreeSet<NetnsKey> = BTreeSet::new();
     let mut interval = tokio::time::interval(config.scan_every);
     loop {
         tokio::select! {
@@ -243,7 +246,9 @@ pub async fn run<F>(
             let (listener, cookie) = match opened {
                 Ok(Ok(pair)) => pair,
                 Ok(Err(error)) => {
-                    debug!(netns = %key.0, %error, "cannot open a listener in this network namespace");
+                    if failed_logged.insert(key.clone()) {
+                        warn!(netns = %key.0, %error, "cannot open a listener in this network namespace; its pods use the node listener");
+                    }
                     free.insert(index);
                     continue;
                 }
@@ -280,8 +285,11 @@ pub async fn run<F>(
         }
         metrics.pod_listeners().set(open.len() as i64);
     }
+    // The map entries stay: while the agent restarts, pods are refused at
+    // once by their closed listener (SDKs retry) rather than sent to the
+    // node listener, which their policy may block. The next agent clears
+    // them at start.
     for (_, listener) in open.drain() {
-        let _ = redirect.remove_pod_listener(listener.cookie);
         listener.serving.abort();
     }
 }

@@ -278,8 +278,14 @@ fn record_peer(ctx: &SockOpsContext) {
     if unsafe { DIRECT_SOCKETS.get(&cookie) }.is_some() {
         let _ = DIRECT_SOCKETS.remove(&cookie);
         // Drop any stale record left by an earlier connection with the same
-        // 4-tuple, so this one can never inherit someone else's cgroup.
-        let _ = PEER_RECORDS.remove(&key);
+        // 4-tuple, so this one can never inherit someone else's cgroup. Only
+        // for the node listener: a pod listener's address is the pod's own,
+        // so only that pod can reach it with that 4-tuple, while every pod
+        // dials from 127.0.0.1 and could otherwise delete another pod's
+        // pending record by dialling that pod's address in its own namespace.
+        if remote_addr == config.agent_addr {
+            let _ = PEER_RECORDS.remove(&key);
+        }
         count(Counter::RecordMissing);
         return;
     }

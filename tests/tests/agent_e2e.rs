@@ -1,7 +1,10 @@
-//! The agent end to end, in standalone mode, through the real kernel redirect
-//! inside a private network namespace: real SDK clients in workload cgroups
-//! dial 169.254.169.254, the kernel sends them to the agent, the agent gets
-//! tokens from the emulator.
+//! The agent end to end, in standalone mode, through the real kernel redirect,
+//! on a pod network laid out as a CNI does (`podid_tests::pod_network`): real
+//! SDK clients run in workload cgroups inside pod network namespaces, dial
+//! 169.254.169.254, and the kernel sends them over their veth to the agent on
+//! the node IP; the agent gets tokens from the emulator beyond the node. One
+//! case (the Rust SDK) and the raw probes run in the node's own namespace,
+//! as hostNetwork workloads do.
 
 use std::{
     io::Write,
@@ -13,8 +16,10 @@ use std::{
 use podid_agent::audit::{CacheUse, Outcome};
 use podid_tests::{
     emulator::{EmulatorConfig, Endpoint, Fault, ManagedIdentity, token_claims},
-    harness::{AgentHarness, HarnessSpec, node_client, python_client, run_client_json},
-    privileged::{ProcessCgroupGuard, preconditions_met, workspace_binary},
+    harness::{
+        AgentHarness, HarnessOptions, HarnessSpec, node_client, python_client, run_client_json,
+    },
+    privileged::{ProcessCgroupGuard, in_netns, preconditions_met, workspace_binary},
     probe::ProbeSpec,
 };
 use serde_json::Value;
@@ -103,23 +108,37 @@ fn harness(extra_args: &[&str]) -> (AgentHarness, Ids) {
         sql: ManagedIdentity::user_assigned("sqlpodidentity"),
         other: ManagedIdentity::user_assigned("other"),
     };
-    let harness = AgentHarness::start(HarnessSpec {
-        workloads_yaml: workloads_yaml(&ids),
-        cgroups: [
-            "apps/reporting",
-            "apps/billing",
-            "apps/batch",
-            "apps/stranger",
-        ]
-        .map(String::from)
-        .to_vec(),
-        emulator: EmulatorConfig::default()
-            .with_user_assigned(ids.sql.clone())
-            .with_user_assigned(ids.other.clone()),
-        secrets: Vec::new(),
-        agent_args: extra_args.iter().map(|s| s.to_string()).collect(),
-    });
+    let harness = AgentHarness::start_with(
+        HarnessSpec {
+            workloads_yaml: workloads_yaml(&ids),
+            cgroups: [
+                "apps/reporting",
+                "apps/billing",
+                "apps/batch",
+                "apps/stranger",
+            ]
+            .map(String::from)
+            .to_vec(),
+            emulator: EmulatorConfig::default()
+                .with_user_assigned(ids.sql.clone())
+                .with_user_assigned(ids.other.clone()),
+            secrets: Vec::new(),
+            agent_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        },
+        HarnessOptions {
+            pods: Some(2),
+            ..HarnessOptions::default()
+        },
+    );
     (harness, ids)
+}
+
+/// An SDK client run as a pod runs it: in its workload's cgroup, inside the
+/// pod's network namespace (reporting in pod 0; billing and batch in pod 1).
+fn sdk(harness: &AgentHarness, workload: &str, mut client: Command, timeout: Duration) -> Value {
+    let pod = if workload == "apps/reporting" { 0 } else { 1 };
+    in_netns(&mut client, &harness.pod(pod).netns.path());
+    run_client_json(client, &harness.cgroup(workload), timeout)
 }
 
 fn token_of(result: &Value) -> &str {
@@ -154,9 +173,10 @@ fn python_sdk_gets_the_token_the_emulator_issued_for_its_identity() {
     let timeout = Duration::from_secs(60);
 
     // Explicit client id.
-    let explicit = run_client_json(
+    let explicit = sdk(
+        &harness,
+        "apps/reporting",
         python_client(Some(&ids.sql.client_id), SCOPE),
-        &harness.cgroup("apps/reporting"),
         timeout,
     );
     let token = token_of(&explicit).to_string();
@@ -170,9 +190,10 @@ fn python_sdk_gets_the_token_the_emulator_issued_for_its_identity() {
     );
 
     // Default credential (no client id): the workload's bound identity, never the node's.
-    let default = run_client_json(
+    let default = sdk(
+        &harness,
+        "apps/billing",
         python_client(None, SCOPE),
-        &harness.cgroup("apps/billing"),
         timeout,
     );
     let token = token_of(&default);
@@ -209,9 +230,10 @@ fn node_sdk_gets_its_token_through_the_redirect() {
         return;
     }
     let (harness, ids) = harness(&[]);
-    let result = run_client_json(
+    let result = sdk(
+        &harness,
+        "apps/reporting",
         node_client(Some(&ids.sql.client_id), SCOPE),
-        &harness.cgroup("apps/reporting"),
         Duration::from_secs(60),
     );
     assert_eq!(appid(token_of(&result)), ids.sql.client_id, "{result}");
@@ -225,6 +247,8 @@ fn rust_sdk_gets_its_token_through_the_redirect() {
     let (harness, ids) = harness(&[]);
     let mut cmd = Command::new(workspace_binary("podid-rust-client"));
     cmd.arg(&ids.sql.client_id).arg(SCOPE);
+    // The one SDK case in the node's (the agent's) own namespace, as a
+    // hostNetwork pod runs.
     let result = run_client_json(
         cmd,
         &harness.cgroup("apps/reporting"),
@@ -254,9 +278,10 @@ fn definite_answers_for_unbound_wrong_and_unknown_callers() {
     );
 
     // The official SDK sees it as "identity unavailable" on its first request.
-    let sdk = run_client_json(
+    let sdk = sdk(
+        &harness,
+        "apps/batch",
         python_client(None, SCOPE),
-        &harness.cgroup("apps/batch"),
         Duration::from_secs(60),
     );
     assert!(sdk["error"].as_str().is_some(), "{sdk}");
@@ -385,9 +410,10 @@ fn upstream_faults_are_retried_within_bounds_and_never_cross_identities() {
             .for_client(&ids.sql.client_id)
             .on(Endpoint::Imds),
     );
-    let result = run_client_json(
+    let result = sdk(
+        &harness,
+        "apps/reporting",
         python_client(Some(&ids.sql.client_id), &scope_for(1)),
-        &harness.cgroup("apps/reporting"),
         timeout,
     );
     assert_eq!(appid(token_of(&result)), ids.sql.client_id);
@@ -399,9 +425,10 @@ fn upstream_faults_are_retried_within_bounds_and_never_cross_identities() {
             .for_client(&ids.sql.client_id)
             .on(Endpoint::Imds),
     );
-    let result = run_client_json(
+    let result = sdk(
+        &harness,
+        "apps/reporting",
         python_client(Some(&ids.sql.client_id), &scope_for(2)),
-        &harness.cgroup("apps/reporting"),
         timeout,
     );
     assert_eq!(appid(token_of(&result)), ids.sql.client_id);
@@ -413,9 +440,10 @@ fn upstream_faults_are_retried_within_bounds_and_never_cross_identities() {
             .for_client(&ids.sql.client_id)
             .on(Endpoint::Imds),
     );
-    let result = run_client_json(
+    let result = sdk(
+        &harness,
+        "apps/reporting",
         python_client(Some(&ids.sql.client_id), &scope_for(3)),
-        &harness.cgroup("apps/reporting"),
         timeout,
     );
     assert_eq!(appid(token_of(&result)), ids.sql.client_id);

@@ -133,6 +133,7 @@ fn the_redirect_installs_and_works_with_only_the_chart_capabilities() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     })
     .unwrap();

@@ -335,6 +335,7 @@ fn documented_redirect_status_reads_a_pinned_redirect() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     })
     .expect("install");

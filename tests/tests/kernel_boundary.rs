@@ -157,38 +157,45 @@ fn a_dnat_to_imds_inside_a_pod_is_dropped() {
     if !preconditions_met("a_dnat_to_imds_inside_a_pod_is_dropped") {
         return;
     }
-    let (harness, ids) = start(1, &[]);
-    let tally = Tally::default();
-    let pod = harness.pod(0);
-    // NET_ADMIN in its own network namespace: a DNAT for a dummy address.
-    pod.netns.exec(
-        "nft",
-        &["add table ip podnat; add chain ip podnat out { type nat hook output priority -100; }; add rule ip podnat out ip daddr 10.99.0.1 tcp dport 80 dnat to 169.254.169.254:80"],
-    );
-    let before = kernel_event(&harness, "egress_dropped");
-    let spec = ProbeSpec {
-        connect: Some(SocketAddrV4::new([10, 99, 0, 1].into(), 80)),
-        connect_timeout: Some(Duration::from_secs(2)),
-        ..token_probe(None)
-    };
-    let report = spec.run_in_pod(&harness.cgroup("apps/alpha"), &pod.netns.path());
-    tally.check("dnat", &report, &ids.alpha.client_id);
-    assert_eq!(
-        status_body(&report).0,
-        0,
-        "the connection never completed: {report}"
-    );
-    assert!(
-        kernel_event(&harness, "egress_dropped") > before,
-        "podid_egress dropped the DNATed SYN"
-    );
-    assert_eq!(
-        wire_after_a_moment(&harness).0,
-        0,
-        "a pod packet reached IMDS"
-    );
-    assert_no_direct_imds(&harness);
-    tally.report("dnat_in_pod");
+    // By default the guard on the node's interface drops the DNATed SYN as
+    // the node forwards it; with --egress-guard it never leaves the pod.
+    for (args, event) in [
+        (&[][..], "guard_dropped"),
+        (&["--egress-guard"][..], "egress_dropped"),
+    ] {
+        let (harness, ids) = start(1, args);
+        let tally = Tally::default();
+        let pod = harness.pod(0);
+        // NET_ADMIN in its own network namespace: a DNAT for a dummy address.
+        pod.netns.exec(
+            "nft",
+            &["add table ip podnat; add chain ip podnat out { type nat hook output priority -100; }; add rule ip podnat out ip daddr 10.99.0.1 tcp dport 80 dnat to 169.254.169.254:80"],
+        );
+        let before = kernel_event(&harness, event);
+        let spec = ProbeSpec {
+            connect: Some(SocketAddrV4::new([10, 99, 0, 1].into(), 80)),
+            connect_timeout: Some(Duration::from_secs(2)),
+            ..token_probe(None)
+        };
+        let report = spec.run_in_pod(&harness.cgroup("apps/alpha"), &pod.netns.path());
+        tally.check("dnat", &report, &ids.alpha.client_id);
+        assert_eq!(
+            status_body(&report).0,
+            0,
+            "the connection never completed: {report}"
+        );
+        assert!(
+            kernel_event(&harness, event) > before,
+            "{event}: the DNATed SYN was dropped"
+        );
+        assert_eq!(
+            wire_after_a_moment(&harness).0,
+            0,
+            "a pod packet reached IMDS"
+        );
+        assert_no_direct_imds(&harness);
+        tally.report(&format!("dnat_in_pod_{event}"));
+    }
 }
 
 #[test]
@@ -201,8 +208,9 @@ fn raw_ip_and_af_packet_frames_to_imds_are_dropped() {
     let alpha = harness.cgroup("apps/alpha");
     let pod_ip = pod.ip.to_string();
 
-    // A raw IP socket (NET_RAW) in the pod.
-    let before = kernel_event(&harness, "egress_dropped");
+    // A raw IP socket (NET_RAW) in the pod: the node forwards its SYNs, the
+    // guard drops them.
+    let before = kernel_event(&harness, "guard_dropped");
     let raw = craft(
         &["raw", &pod_ip, "169.254.169.254"],
         &alpha,
@@ -213,9 +221,11 @@ fn raw_ip_and_af_packet_frames_to_imds_are_dropped() {
             == 5,
         "{raw}"
     );
-    assert!(
-        kernel_event(&harness, "egress_dropped") >= before + 5.0,
-        "{raw}"
+    // The node forwards them in softirq context, after the sender returns.
+    hardening_support::wait_for(
+        "the guard to drop the raw SYNs",
+        Duration::from_secs(5),
+        || (kernel_event(&harness, "guard_dropped") >= before + 5.0).then_some(()),
     );
     assert_eq!(wire_after_a_moment(&harness).0, 0, "a raw SYN reached IMDS");
 
@@ -233,9 +243,10 @@ fn raw_ip_and_af_packet_frames_to_imds_are_dropped() {
     let frame_args: Vec<&str> = frame_args.iter().map(String::as_str).collect();
     let frames = craft(&frame_args, &alpha, Some(&pod.netns.path()));
     assert_eq!(frames["sent"], 5, "{frames}");
-    assert!(
-        kernel_event(&harness, "guard_dropped") >= before + 5.0,
-        "the tc guard dropped the forwarded frames"
+    hardening_support::wait_for(
+        "the tc guard to drop the forwarded frames",
+        Duration::from_secs(5),
+        || (kernel_event(&harness, "guard_dropped") >= before + 5.0).then_some(()),
     );
     assert_eq!(
         wire_after_a_moment(&harness).0,

@@ -59,6 +59,7 @@ impl Fixture {
             record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
             guard: podid_agent::redirect::GuardInterfaces::Auto,
             agent_started_ns: 0,
+            egress_guard: true,
             pod_listeners: None,
         })
         .expect("install the redirect");
@@ -354,6 +355,7 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
         pin_root.to_str().unwrap(),
         "--listen",
         "127.0.0.1:2579",
+        "--egress-guard",
     ];
 
     // A loader process installs, then exits without uninstalling.
@@ -390,6 +392,7 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     };
     let second = Redirect::install(&options).unwrap();
@@ -456,6 +459,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     })
     .unwrap();
@@ -489,6 +493,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     })
     .unwrap();
@@ -521,6 +526,7 @@ fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     })
     .unwrap();
@@ -620,6 +626,7 @@ fn a_full_exempt_map_is_a_clear_error_and_dead_cgroups_are_pruned() {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Auto,
         agent_started_ns: 0,
+        egress_guard: true,
         pod_listeners: None,
     };
     // 64 cgroups that exist fill the map; one more is a clear error.

@@ -40,6 +40,9 @@ pub enum Bench {
         /// overhead to variant b while on).
         #[arg(long)]
         program_stats: bool,
+        /// Also attach the agent's optional `--egress-guard` program.
+        #[arg(long)]
+        egress_guard: bool,
     },
     /// Cached-token requests through the redirect vs a bare hyper floor.
     Token {
@@ -249,6 +252,7 @@ pub fn bench(which: &Bench) -> anyhow::Result<()> {
         Bench::Redirect {
             connections,
             program_stats,
+            egress_guard,
         } => {
             if !is_root() {
                 bail!("the redirect benchmark needs root");
@@ -258,6 +262,9 @@ pub fn bench(which: &Bench) -> anyhow::Result<()> {
                 "--connections".into(),
                 connections.to_string(),
             ];
+            if *egress_guard {
+                args.push("--egress-guard".into());
+            }
             if *program_stats {
                 args.push("--program-stats".into());
             }

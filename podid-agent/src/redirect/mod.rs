@@ -151,6 +151,11 @@ pub struct RedirectOptions {
     /// CLOCK_MONOTONIC nanoseconds when the agent started, before it bound
     /// its listener; 0 when no agent serves (`redirect install`).
     pub agent_started_ns: u64,
+    /// Also attach `podid_egress` (cgroup_skb/egress) to the cgroup: IMDS
+    /// packets of hooked sockets dropped inside the pod's own namespace,
+    /// whatever interface the node would route them through, for a cost on
+    /// every packet every pod sends.
+    pub egress_guard: bool,
     /// Zero-policy mode: the loopback range and port of the pods' own
     /// listeners (`None`: every pod goes to the node listener).
     pub pod_listeners: Option<PodListenerRange>,
@@ -434,9 +439,17 @@ impl Redirect {
             let attachment = guard::attach(&mut ebpf, &redirect.layout, &iface)?;
             redirect.attachments.push((PROG_IMDS_GUARD, attachment));
         }
-        for program in [PROG_EGRESS, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS] {
+        let egress = options.egress_guard.then_some(PROG_EGRESS);
+        for program in egress
+            .into_iter()
+            .chain([PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS])
+        {
             let attachment = redirect.attach_pinned(&mut ebpf, program, &cgroup_file)?;
             redirect.attachments.push((program, attachment));
+        }
+        if !options.egress_guard {
+            // Switched off since an earlier start: detach it.
+            let _ = fs::remove_file(redirect.layout.link(PROG_EGRESS, cgroup_id));
         }
         guard::remove_stale(&redirect.layout, &guard::indexes(&redirect.guarded));
         redirect.remove_stale_pins();

@@ -7,15 +7,26 @@ pub mod token;
 
 use crate::{
     emulator::{EmulatorConfig, ManagedIdentity},
-    harness::{AgentHarness, HarnessSpec},
+    harness::{AgentHarness, HarnessOptions, HarnessSpec},
 };
 
 /// The box every agent benchmark runs in: one workload cgroup `bench`,
 /// bound to `identity`, and the agent started with `agent_args`.
 pub fn bench_harness(identity: &ManagedIdentity, agent_args: &[String]) -> AgentHarness {
-    AgentHarness::start(HarnessSpec {
-        workloads_yaml: format!(
-            r#"
+    bench_harness_with(identity, agent_args, HarnessOptions::default())
+}
+
+/// [`bench_harness`] with [`HarnessOptions`] (a pod network, zero-policy
+/// mode).
+pub fn bench_harness_with(
+    identity: &ManagedIdentity,
+    agent_args: &[String],
+    options: HarnessOptions,
+) -> AgentHarness {
+    AgentHarness::start_with(
+        HarnessSpec {
+            workloads_yaml: format!(
+                r#"
 apiVersion: aadpodidentity.k8s.io/v1
 kind: AzureIdentity
 metadata: {{name: bench}}
@@ -31,13 +42,15 @@ kind: LocalWorkload
 metadata: {{name: bench, labels: {{aadpodidbinding: bench}}}}
 spec: {{cgroup: bench}}
 "#,
-            identity.client_id, identity.resource_id
-        ),
-        cgroups: vec!["bench".into()],
-        emulator: EmulatorConfig::default().with_user_assigned(identity.clone()),
-        secrets: Vec::new(),
-        agent_args: agent_args.to_vec(),
-    })
+                identity.client_id, identity.resource_id
+            ),
+            cgroups: vec!["bench".into()],
+            emulator: EmulatorConfig::default().with_user_assigned(identity.clone()),
+            secrets: Vec::new(),
+            agent_args: agent_args.to_vec(),
+        },
+        options,
+    )
 }
 
 /// The median of `samples` (0 for none).

@@ -6,7 +6,10 @@
 //! - (b) to 169.254.169.254:80 from a cgroup with podid's programs attached,
 //!   redirected to the agent's listener;
 //! - (c) to 169.254.169.254:80, rewritten by an iptables DNAT rule in the
-//!   node's PREROUTING, which is what aad-pod-identity installs.
+//!   node's PREROUTING, which is what aad-pod-identity installs;
+//! - (d) as (b), in zero-policy mode: from a second pod whose network
+//!   namespace has a listener of its own, which the redirect picks by the
+//!   namespace's cookie; the connection stays on the pod's loopback.
 //!
 //! The three run back to back in every round, in a rotating order, so each
 //! round compares them under the same machine conditions. The ratios are the
@@ -14,10 +17,11 @@
 //! a shared 2-core VM the absolute figures drift by more than the effect being
 //! measured, while the paired ratios do not.
 //!
-//! podid's enforcement programs are attached too: `podid_egress` on the
-//! hooked cgroup (every packet of (b)'s sockets) and the tc guard on the
-//! node's side of the pod's veth (every packet the node sends the pod, in
-//! all three variants). `--program-stats` prints what each costs a packet.
+//! podid's enforcement programs are attached too: the tc guard on the node's
+//! side of the pod's veth (every packet the node sends the pod, in a, b and
+//! c alike) and, with `--egress-guard`, `podid_egress` on the hooked cgroup
+//! (every packet of (b)'s and (d)'s sockets). `--program-stats` prints what
+//! each costs a packet.
 //!
 //! Behind both listeners an acceptor does what the agent does with every
 //! connection: accept it and take its kernel record out of the peer map, so
@@ -58,6 +62,8 @@ pub struct RedirectBench {
     pub connections: u32,
     /// Also report the kernel-measured cost of each program.
     pub program_stats: bool,
+    /// Also attach the optional `podid_egress` program (`--egress-guard`).
+    pub egress_guard: bool,
 }
 
 fn connect_close(target: SocketAddr) -> std::io::Result<()> {
@@ -98,6 +104,7 @@ fn accept_and_take(listener: &TcpListener, redirect: &Redirect, stop: &AtomicBoo
 
 struct Variant<'a> {
     name: &'static str,
+    netns: &'a PodNetns,
     cgroup: &'a Path,
     target: SocketAddr,
     /// µs per connect+close, one per round.
@@ -154,7 +161,21 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
     let plain = CgroupGuard::new("bench-plain");
     let mut hooked = CgroupGuard::new("bench-hooked");
     let hooked_pod = hooked.child("pod");
+    // (d) runs in a cgroup of its own with an install of its own in
+    // zero-policy mode, so (b) measures node mode exactly as it ships (no
+    // pod listener lookup).
+    let mut hooked_zero = CgroupGuard::new("bench-hooked-zero");
+    let hooked_zero_pod = hooked_zero.child("pod");
+    let zero_bpffs = BpffsGuard::new();
 
+    // (d) a second pod with a listener of its own (zero-policy mode).
+    let pod_d = PodNetns::new("10.213.1.1", "10.213.1.2");
+    let pod_listener_addr = SocketAddrV4::new(podid_agent::pod_listeners::address(0), AGENT.port());
+    let (pod_listener, pod_cookie) = podid_agent::pod_listeners::listen_in(
+        std::path::PathBuf::from(format!("/run/netns/{}", pod_d.name())),
+        pod_listener_addr,
+    )?;
+    pod_listener.set_nonblocking(false)?;
     let agent_listener = deep_listener(AGENT)?;
     let baseline_listener = deep_listener(BASELINE)?;
     // (b) our redirect, on the hooked cgroup only. The tc guard goes on the
@@ -173,8 +194,28 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
         record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
         guard: podid_agent::redirect::GuardInterfaces::Named(vec![pod.host_if().to_string()]),
         agent_started_ns: 0,
+        egress_guard: options.egress_guard,
         pod_listeners: None,
     })?;
+    let zero_policy = Redirect::install(&RedirectOptions {
+        cgroup_root: hooked_zero.path().to_path_buf(),
+        pin_root: zero_bpffs.pin_root(),
+        imds: IMDS,
+        agent: AGENT,
+        exempt_self: false,
+        exempt: vec![],
+        record_capacity: None,
+        record_max_age: podid_agent::redirect::DEFAULT_RECORD_MAX_AGE,
+        guard: podid_agent::redirect::GuardInterfaces::Off,
+        agent_started_ns: 0,
+        egress_guard: options.egress_guard,
+        pod_listeners: Some(podid_agent::redirect::PodListenerRange {
+            net: podid_agent::pod_listeners::POD_LISTENER_NET,
+            prefix: podid_agent::pod_listeners::POD_LISTENER_PREFIX,
+            port: AGENT.port(),
+        }),
+    })?;
+    zero_policy.add_pod_listener(pod_cookie, pod_listener_addr)?;
     // (c) aad-pod-identity's rule. The node netns is this run's own and goes
     // away with it; the rule is still removed explicitly.
     run_ok(Command::new("iptables").arg("-A").args(dnat_rule()));
@@ -182,19 +223,29 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
     let mut variants = [
         Variant {
             name: "a) no hook (direct to the node)",
+            netns: &pod,
             cgroup: plain.path(),
             target: SocketAddr::V4(BASELINE),
             samples: Vec::new(),
         },
         Variant {
             name: "b) podid cgroup/connect4 redirect",
+            netns: &pod,
             cgroup: &hooked_pod,
             target: SocketAddr::V4(IMDS),
             samples: Vec::new(),
         },
         Variant {
             name: "c) iptables DNAT (aad-pod-identity)",
+            netns: &pod,
             cgroup: plain.path(),
+            target: SocketAddr::V4(IMDS),
+            samples: Vec::new(),
+        },
+        Variant {
+            name: "d) podid redirect, zero-policy mode",
+            netns: &pod_d,
+            cgroup: &hooked_zero_pod,
             target: SocketAddr::V4(IMDS),
             samples: Vec::new(),
         },
@@ -203,14 +254,15 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
     let stop = AtomicBool::new(false);
     let (client, agent_taken, baseline_taken) = std::thread::scope(|scope| {
         let agent_acceptor = scope.spawn(|| accept_and_take(&agent_listener, &redirect, &stop));
+        let pod_acceptor = scope.spawn(|| accept_and_take(&pod_listener, &zero_policy, &stop));
         let baseline_acceptor =
             scope.spawn(|| accept_and_take(&baseline_listener, &redirect, &stop));
         // The client runs on its own thread, in the pod's network namespace.
         let client = scope
             .spawn(|| -> anyhow::Result<()> {
-                pod.enter();
                 // Warm up every path (ARP, conntrack, caches).
                 for variant in &variants {
+                    variant.netns.enter();
                     let _cg = ProcessCgroupGuard::enter(variant.cgroup);
                     for _ in 0..WARM_UP {
                         connect_close(variant.target)?;
@@ -220,6 +272,7 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
                 for round in 0..ROUNDS {
                     for offset in 0..count {
                         let variant = &mut variants[(round as usize + offset) % count];
+                        variant.netns.enter();
                         let _cg = ProcessCgroupGuard::enter(variant.cgroup);
                         let started = Instant::now();
                         for _ in 0..per_batch {
@@ -235,9 +288,16 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
         stop.store(true, Ordering::Relaxed);
         let _ = std::net::TcpStream::connect(AGENT);
         let _ = std::net::TcpStream::connect(BASELINE);
+        // The pod listener is in pod d's namespace: wake it from there.
+        std::thread::scope(|wake| {
+            wake.spawn(|| {
+                pod_d.enter();
+                let _ = std::net::TcpStream::connect(pod_listener_addr);
+            });
+        });
         (
             client,
-            agent_acceptor.join().unwrap_or(0),
+            agent_acceptor.join().unwrap_or(0) + pod_acceptor.join().unwrap_or(0),
             baseline_acceptor.join().unwrap_or(0),
         )
     });
@@ -267,7 +327,7 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
             variant.name, stats.p50, stats.p10, stats.p90
         );
     }
-    let [a, b, c] = &variants;
+    let [a, b, c, d] = &variants;
     let paired = |x: &Variant, y: &Variant| -> Vec<f64> {
         x.samples
             .iter()
@@ -275,15 +335,16 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
             .map(|(x, y)| x / y)
             .collect()
     };
-    let (b_over_a, b_over_c) = (paired(b, a), paired(b, c));
+    let (b_over_a, b_over_c, d_over_b) = (paired(b, a), paired(b, c), paired(d, b));
     let (a_lo, a_hi) = median_ci95(&b_over_a);
     let (c_lo, c_hi) = median_ci95(&b_over_c);
+    let (d_lo, d_hi) = median_ci95(&d_over_b);
     println!(
         "\nkernel records: {} redirected, {} recorded; the agent side took {agent_taken} \
-         (b made {}); the baseline listener took {baseline_taken} (must be 0)",
+         (b and d made {}); the baseline listener took {baseline_taken} (must be 0)",
         counters.redirected,
         counters.recorded,
-        WARM_UP + ROUNDS * per_batch
+        2 * (WARM_UP + ROUNDS * per_batch)
     );
     if !costs.is_empty() {
         println!(
@@ -302,6 +363,11 @@ pub fn run(options: RedirectBench) -> anyhow::Result<()> {
         "b/c = {:.3}  (95% interval {c_lo:.3}–{c_hi:.3}; ratio of medians {:.3})  target < 1.00: the redirect is faster than DNAT",
         median(&b_over_c),
         median(&b.samples) / median(&c.samples)
+    );
+    println!(
+        "d/b = {:.3}  (95% interval {d_lo:.3}–{d_hi:.3}; ratio of medians {:.3})  target ≤ 1.00: zero-policy mode is no slower than node-IP mode",
+        median(&d_over_b),
+        median(&d.samples) / median(&b.samples)
     );
     Ok(())
 }

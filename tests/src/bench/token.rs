@@ -8,6 +8,11 @@
 //! tokio runtime, as a server is: a server inside the load generator's own
 //! runtime can run on the client's thread and skip the cross-process wake-up
 //! every real request pays, so it is printed for reference only.
+//!
+//! The box has a pod network with two pods and runs the agent in zero-policy
+//! mode with one pod listener: the same requests are also made from a pod
+//! whose IMDS connections go over its veth to the node IP (node mode) and
+//! from a pod with a listener of its own (zero-policy mode), side by side.
 
 use std::{
     convert::Infallible,
@@ -277,6 +282,59 @@ fn paced(measurement: impl std::future::Future<Output = Run> + Send) -> Run {
     })
 }
 
+/// Waits until the agent has opened its pod listener.
+fn wait_for_pod_listener(harness: &AgentHarness) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = harness
+            .metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("podid_pod_listeners "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if open >= 1.0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the pod listener did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a measurement from inside the network namespace `netns` (a pod's),
+/// on a runtime whose threads live there: a multi-thread one (as the other
+/// saturated runs use) or, for paced runs, a single-threaded one.
+fn in_pod<F>(netns: &Path, paced: bool, measurement: impl FnOnce() -> F + Send) -> Run
+where
+    F: std::future::Future<Output = Run>,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(netns).expect("open the pod netns");
+                // SAFETY: a netns fd; affects this thread, and the runtime's
+                // threads it starts.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                let runtime = if paced {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                } else {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                }
+                .expect("tokio runtime");
+                runtime.block_on(measurement())
+            })
+            .join()
+            .expect("pod load generator thread")
+    })
+}
+
 /// Runs the benchmark; each measurement lasts `seconds`.
 pub fn run(seconds: Duration) -> anyhow::Result<()> {
     let identity = ManagedIdentity::user_assigned("bench");
@@ -284,7 +342,21 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
     let agent_args: Vec<String> = std::env::var("PODID_BENCH_AGENT_ARGS")
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();
-    let harness = super::bench_harness(&identity, &agent_args);
+    let mut agent_args = agent_args;
+    // Pod 0 gets a listener of its own; pod 1 is left on the node listener.
+    agent_args.extend(["--max-pod-listeners".to_string(), "1".into()]);
+    let harness = super::bench_harness_with(
+        &identity,
+        &agent_args,
+        crate::harness::HarnessOptions {
+            pods: Some(2),
+            pod_netns_mode: true,
+            ..crate::harness::HarnessOptions::default()
+        },
+    );
+    let zero_policy_pod = harness.pod(0).netns.path();
+    let node_mode_pod = harness.pod(1).netns.path();
+    wait_for_pod_listener(&harness)?;
     let path =
         format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={RESOURCE}");
     // The client (this process) runs in the workload's cgroup, so its
@@ -323,7 +395,7 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
         // Interleave short rounds, so every variant sees the same machine
         // conditions; report medians across rounds.
         let round = seconds / ROUNDS;
-        let mut rounds: [Vec<Run>; 6] = Default::default();
+        let mut rounds: [Vec<Run>; 10] = Default::default();
         for _ in 0..ROUNDS {
             rounds[0].push(saturate(imds, &path, round).await);
             rounds[1].push(saturate(floor, &path, round).await);
@@ -331,6 +403,14 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
             rounds[3].push(paced(fixed_rate(imds, &path, FIXED_RATE, round)));
             rounds[4].push(paced(fixed_rate(floor, &path, FIXED_RATE, round)));
             rounds[5].push(paced(fixed_rate(in_process, &path, FIXED_RATE, round)));
+            for (index, pod) in [(6, &node_mode_pod), (7, &zero_policy_pod)] {
+                rounds[index].push(in_pod(pod, false, || saturate(imds, &path, round)));
+            }
+            for (index, pod) in [(8, &node_mode_pod), (9, &zero_policy_pod)] {
+                rounds[index].push(in_pod(pod, true, || {
+                    fixed_rate(imds, &path, FIXED_RATE, round)
+                }));
+            }
         }
         Ok::<_, anyhow::Error>(rounds)
     });
@@ -338,6 +418,11 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
     let p99_by_round =
         |runs: &[Run]| -> Vec<u64> { runs.iter().map(|r| r.stats.p99.round() as u64).collect() };
     let fixed_rate_rounds = (p99_by_round(&rounds[3]), p99_by_round(&rounds[4]));
+    let zero_vs_node_rounds: Vec<f64> = rounds[7]
+        .iter()
+        .zip(&rounds[6])
+        .map(|(zero, node)| zero.per_second / node.per_second.max(1.0))
+        .collect();
     let [
         agent_saturated,
         floor_saturated,
@@ -345,6 +430,10 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
         agent_fixed,
         floor_fixed,
         in_process_fixed,
+        node_pod_saturated,
+        zero_pod_saturated,
+        node_pod_fixed,
+        zero_pod_fixed,
     ] = rounds.map(|runs| Run::median_of(&runs));
     println!(
         "\ntoken benchmark: cached token, a new TCP connection per request; {ROUNDS} interleaved rounds of {:.1} s per variant, medians across rounds",
@@ -368,6 +457,13 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
     print_row(&format!("agent, {fixed}"), &agent_fixed);
     print_row(&format!("floor, {fixed}"), &floor_fixed);
     print_row(&format!("(in-process hyper, {fixed})"), &in_process_fixed);
+    print_row(&format!("pod → node IP, {saturated}"), &node_pod_saturated);
+    print_row(
+        &format!("pod → own listener, {saturated}"),
+        &zero_pod_saturated,
+    );
+    print_row(&format!("pod → node IP, {fixed}"), &node_pod_fixed);
+    print_row(&format!("pod → own listener, {fixed}"), &zero_pod_fixed);
     println!(
         "\nagent/floor throughput = {:.2}  (target ≥ 0.70)",
         agent_saturated.per_second / floor_saturated.per_second.max(1.0)
@@ -379,6 +475,13 @@ pub fn run(seconds: Duration) -> anyhow::Result<()> {
     println!(
         "p99 µs of each round at {FIXED_RATE} req/s: agent {:?}, floor {:?}",
         fixed_rate_rounds.0, fixed_rate_rounds.1
+    );
+    println!(
+        "zero-policy/node-IP throughput from a pod = {:.2} (per round {:.2?}; target ≥ 1.00: the pod's own listener is no slower); p99 at {FIXED_RATE} req/s {:.0} vs {:.0} µs",
+        zero_pod_saturated.per_second / node_pod_saturated.per_second.max(1.0),
+        zero_vs_node_rounds,
+        zero_pod_fixed.stats.p99,
+        node_pod_fixed.stats.p99
     );
     let records = harness.audit_records(0);
     let handler: Vec<f64> = records.iter().map(|r| r.latency_us as f64).collect();

@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         Some("redirect") => podid_tests::bench::redirect::run(RedirectBench {
             connections: value("--connections", 20_000) as u32,
             program_stats: args.iter().any(|a| a == "--program-stats"),
+            egress_guard: args.iter().any(|a| a == "--egress-guard"),
         }),
         Some("floor") => match (args.get(1), args.get(2)) {
             (Some(listen), Some(body)) => {
@@ -44,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(value("--sample-seconds", 5).max(1)),
         ),
         _ => anyhow::bail!(
-            "usage: podid-bench redirect [--connections N] [--program-stats] | token [--seconds N]\n\
+            "usage: podid-bench redirect [--connections N] [--program-stats] [--egress-guard] | token [--seconds N]\n\
              \x20      | connections [--count N] | soak [--minutes N] [--seconds N] [--rate R] [--sample-seconds N]"
         ),
     }
