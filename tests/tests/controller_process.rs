@@ -6,7 +6,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use clap::Parser;
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::{coordination::v1::Lease, events::v1::Event as K8sEvent};
 use podid_controller::Args;
 use podid_tests::arm::{
     EmulatorConfig,
@@ -93,14 +93,37 @@ async fn process_runs_with_a_service_principal_and_serves_health_and_metrics() {
         .await
     });
 
-    let nodes = cluster.add_scale_set("pool", 2, false, &[]);
-    let cluster_identity = cluster.add_identity("cluster", "cluster-client");
+    // As on AKS, the cluster identity (userAssignedIdentityID) is already on
+    // the scale set before the controller starts.
+    let cluster_identity = podid_tests::arm::cluster::identity_id("cluster");
+    let nodes = cluster.add_scale_set("pool", 2, false, std::slice::from_ref(&cluster_identity));
+    cluster.add_identity("cluster", "cluster-client");
     cluster.add_identity("web", "client-web");
     cluster.add_pod("p1", &nodes[0], "web");
     cluster.add_pod("p2", &nodes[1], "cluster");
     assert!(
-        eventually(WAIT, || async { cluster.assigned_count() == 2 }).await,
+        eventually(WAIT, || async { cluster.assigned_count() == 1 }).await,
         "never assigned"
+    );
+    assert!(
+        cluster.assignment("p1", "web").is_some(),
+        "{:?}",
+        cluster.assignments()
+    );
+    assert!(
+        cluster.assignment("p2", "cluster").is_none(),
+        "a pod may not bind the cluster's own identity: {:?}",
+        cluster.assignments()
+    );
+    assert!(
+        eventually(WAIT, || async {
+            cluster.api.list::<K8sEvent>().iter().any(|e| {
+                e.reason.as_deref() == Some("IdentityRefused")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("cluster")
+            })
+        })
+        .await,
+        "the refusal is an Event on the AzureIdentity"
     );
     assert!(
         cluster.arm.token_requests() >= 1,
@@ -124,13 +147,18 @@ async fn process_runs_with_a_service_principal_and_serves_health_and_metrics() {
         "{metrics}"
     );
 
-    // The cluster identity (userAssignedIdentityID) is protected.
-    cluster.delete_pod("p2");
+    // The cluster identity (userAssignedIdentityID) is protected: removing
+    // the last pod's identity leaves it on the scale set.
+    cluster.delete_pod("p1");
     assert!(
         eventually(WAIT, || async {
-            cluster.assigned_count() == 1 && cluster.assignments().len() == 1
+            cluster.assignments().is_empty()
+                && !cluster
+                    .scale_set_identities("pool")
+                    .contains(&podid_tests::arm::cluster::identity_id("web").to_ascii_lowercase())
         })
-        .await
+        .await,
+        "web was never removed"
     );
     assert!(
         cluster
