@@ -161,6 +161,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stopped.clone(),
     ));
 
+    // The previous agent's pod listeners died with it: from here on pods
+    // are sent to the node listener until their own opens again.
+    let stale = Redirect::clear_pinned_pod_listeners(&args.bpffs_dir)
+        .context("clearing the previous agent's pod listeners")?;
+    if stale > 0 {
+        info!(
+            pod_listeners = stale,
+            "the previous agent's pod listeners are closed; pods use the node listener until theirs reopen"
+        );
+    }
     // Records written before this point belong to connections nobody
     // accepted (the previous agent is gone): refused.
     let record_rules = RecordRules::starting_now(args.boundary.record_max_age);

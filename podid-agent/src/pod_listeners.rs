@@ -69,6 +69,12 @@ pub fn address(index: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(POD_LISTENER_NET) + 1 + index)
 }
 
+/// Whether `ip` is in the pod listener range.
+pub fn is_pod_listener_address(ip: Ipv4Addr) -> bool {
+    let mask = u32::MAX << (32 - POD_LISTENER_PREFIX);
+    u32::from(ip) & mask == u32::from(POD_LISTENER_NET)
+}
+
 /// `SO_NETNS_COOKIE` of a socket: the cookie `bpf_get_netns_cookie()` gives
 /// programs for sockets of the same network namespace (kernel 5.14+).
 fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
@@ -302,11 +308,11 @@ mod tests {
     fn addresses_are_unique_loopback_addresses_of_the_range() {
         assert_eq!(address(0), Ipv4Addr::new(127, 64, 0, 1));
         assert_eq!(address(255), Ipv4Addr::new(127, 64, 1, 0));
-        let mask = u32::MAX << (32 - POD_LISTENER_PREFIX);
         for index in [0, 1, 1000, 4_000_000] {
-            let a = u32::from(address(index));
-            assert_eq!(a & mask, u32::from(POD_LISTENER_NET), "{index}");
+            assert!(is_pod_listener_address(address(index)), "{index}");
             assert!(address(index).is_loopback());
         }
+        assert!(!is_pod_listener_address(Ipv4Addr::LOCALHOST));
+        assert!(!is_pod_listener_address(Ipv4Addr::new(127, 128, 0, 1)));
     }
 }

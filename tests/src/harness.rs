@@ -29,7 +29,8 @@ use crate::{
     emulator::{Emulator, EmulatorConfig, EmulatorHandle, IssuedRecord},
     pod_network::{NODE_IP, Pod, PodNetwork},
     privileged::{
-        BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, in_cgroup, run_ok, workspace_binary,
+        BpffsGuard, CgroupGuard, ChildGuard, NetNsGuard, WorkloadNetnsGuard, in_cgroup,
+        in_workload, run_ok, workspace_binary,
     },
 };
 
@@ -87,6 +88,10 @@ pub struct HarnessOptions {
     /// (its netns files are linked into a directory of the box's own, the
     /// agent's `--pod-netns-dir`).
     pub pod_netns_mode: bool,
+    /// Workloads started on the test's thread (probes, SDK clients) run in
+    /// pod 0's network namespace ([`WorkloadNetnsGuard`]) for the harness's
+    /// life: a test written for one namespace then runs as a pod.
+    pub workloads_in_pod: bool,
 }
 
 /// A running harness.
@@ -109,6 +114,7 @@ pub struct AgentHarness {
     dir: PathBuf,
     spec: HarnessSpec,
     options: HarnessOptions,
+    _workloads: Option<WorkloadNetnsGuard>,
     _netns: NetNsGuard,
 }
 
@@ -229,6 +235,12 @@ impl AgentHarness {
                 .expect("create secrets dir");
             fs::write(&path, content).expect("write secret");
         }
+        let workloads = options.workloads_in_pod.then(|| {
+            let network = network
+                .as_ref()
+                .expect("workloads_in_pod needs a pod network (HarnessOptions::pods)");
+            WorkloadNetnsGuard::enter(network.pods[0].netns.path())
+        });
         let mut harness = Self {
             agent: None,
             agent_cgroup: "agent".into(),
@@ -240,6 +252,7 @@ impl AgentHarness {
             dir,
             spec,
             options,
+            _workloads: workloads,
             _netns: netns,
         };
         if harness.network.is_some() {
@@ -607,7 +620,7 @@ pub fn run_client_json(mut cmd: Command, cgroup: &Path, timeout: Duration) -> se
     ] {
         cmd.env_remove(var);
     }
-    in_cgroup(&mut cmd, cgroup)
+    in_workload(&mut cmd, cgroup)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = ChildGuard::new(cmd.spawn().expect("spawn client"));

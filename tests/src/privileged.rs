@@ -483,6 +483,41 @@ pub fn in_cgroup<'a>(cmd: &'a mut Command, cgroup: &Path) -> &'a mut Command {
     cmd
 }
 
+thread_local! {
+    static WORKLOAD_NETNS: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// While alive, workloads this thread starts with [`in_workload`] (probes,
+/// SDK clients) run in the network namespace at a pod's path instead of the
+/// thread's own: the same test then exercises a pod on the pod network.
+pub struct WorkloadNetnsGuard {
+    previous: Option<PathBuf>,
+}
+
+impl WorkloadNetnsGuard {
+    /// Runs this thread's workloads in `netns` until the guard drops.
+    pub fn enter(netns: PathBuf) -> Self {
+        let previous = WORKLOAD_NETNS.with(|slot| slot.replace(Some(netns)));
+        Self { previous }
+    }
+}
+
+impl Drop for WorkloadNetnsGuard {
+    fn drop(&mut self) {
+        let previous = self.previous.take();
+        WORKLOAD_NETNS.with(|slot| *slot.borrow_mut() = previous);
+    }
+}
+
+/// Places `cmd` as a workload: in `cgroup`, and in the pod network
+/// namespace a [`WorkloadNetnsGuard`] names, if one is alive on this thread.
+pub fn in_workload<'a>(cmd: &'a mut Command, cgroup: &Path) -> &'a mut Command {
+    if let Some(netns) = WORKLOAD_NETNS.with(|slot| slot.borrow().clone()) {
+        in_netns(cmd, &netns);
+    }
+    in_cgroup(cmd, cgroup)
+}
+
 /// Makes `cmd` enter the network namespace at `netns` (a `/run/netns/…`
 /// path) between fork and exec, as a pod's container runs in its pod's.
 pub fn in_netns<'a>(cmd: &'a mut Command, netns: &Path) -> &'a mut Command {

@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::privileged::{ChildGuard, in_cgroup, in_netns, workspace_binary};
+use crate::privileged::{ChildGuard, in_cgroup, in_netns, in_workload, workspace_binary};
 
 /// What a probe should do.
 #[derive(Debug, Clone, Default)]
@@ -128,10 +128,12 @@ impl ProbeSpec {
         cmd
     }
 
-    /// Starts the probe inside `cgroup`, with stdout captured.
+    /// Starts the probe inside `cgroup` (and the workload network namespace
+    /// of a live [`crate::privileged::WorkloadNetnsGuard`]), with stdout
+    /// captured.
     pub fn spawn_in(&self, cgroup: &Path) -> ChildGuard {
         let mut cmd = self.command();
-        in_cgroup(&mut cmd, cgroup).stdout(Stdio::piped());
+        in_workload(&mut cmd, cgroup).stdout(Stdio::piped());
         ChildGuard::new(cmd.spawn().expect("spawn podid-probe"))
     }
 

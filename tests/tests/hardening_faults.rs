@@ -72,10 +72,11 @@ fn agent_killed_under_load_refuses_then_resumes_on_the_same_pins() {
         .collect();
     assert_eq!(installed.len(), 2, "two starts");
     let attachments = installed[1]["attachments"].as_str().unwrap_or_default();
-    assert_eq!(
-        attachments.matches("Reused").count(),
-        3,
-        "the restarted agent reuses all three pinned links: {attachments}"
+    // connect4, connect6 and sock_ops; on a pod network also the IMDS guard.
+    let links = attachments.matches("(\"").count();
+    assert!(
+        links >= 3 && attachments.matches("Reused").count() == links,
+        "the restarted agent reuses every pinned link: {attachments}"
     );
     assert_eq!(pinned(&harness), pins_before, "no new pins");
 
@@ -98,7 +99,15 @@ fn agent_killed_under_load_refuses_then_resumes_on_the_same_pins() {
             .keys()
             .filter(|k| !matches!(k.as_str(), "200" | "errno:111" | "errno:104" | "error"))
             .collect();
-        assert!(unexpected.is_empty(), "{name}: {by:?} ({report})");
+        if !unexpected.is_empty() {
+            let refusals: Vec<String> = harness
+                .audit_records(1)
+                .into_iter()
+                .filter(|r| r.status != 200)
+                .map(|r| format!("{:?} {} {}", r.outcome, r.status, r.reason))
+                .collect();
+            panic!("{name}: {by:?} ({report}); refusals in the audit: {refusals:#?}");
+        }
     }
     // Served again, at once.
     let again = token_probe(None).run_in(&harness.cgroup("apps/alpha"));

@@ -2,7 +2,11 @@
 //! network namespace with its own cgroups and bpffs (see
 //! `hardening_support`). Every workload here is also "hostNetwork": it
 //! shares the agent's network namespace and source address, so only the
-//! kernel's cgroup record tells them apart.
+//! kernel's cgroup record tells them apart. With
+//! `PODID_HARDENING_LISTEN_MODE=pod-netns` (the second run of `cargo xtask
+//! test`) the same cases run with the agent in zero-policy mode and the
+//! workloads in a pod's own network namespace, where "the agent's address"
+//! is the listener the agent opened in that namespace.
 //!
 //! The invariant every test checks: a workload only ever receives tokens of
 //! the identity bound to the cgroup that made the connection, and nothing
@@ -21,19 +25,20 @@ use std::{
 };
 
 use hardening_support::{
-    LenientImds, RESOURCE, Tally, assert_no_direct_imds, metric, query, start, start_with,
-    status_body, token_probe, wait_for,
+    LenientImds, RESOURCE, Tally, assert_no_direct_imds, is_agent_peer, metric, query,
+    redirected_peer, start, start_with, status_body, token_probe, wait_for, zero_policy,
 };
 use podid_agent::{audit::Outcome, redirect::Redirect};
 use podid_tests::{
     IMDS,
-    harness::{AGENT_ADDR, HarnessOptions},
+    harness::{AgentHarness, HarnessOptions},
     privileged::{cgroup_id_of, preconditions_met},
     probe::{ProbeSpec, finish},
 };
 
-fn agent() -> SocketAddrV4 {
-    AGENT_ADDR.parse().expect("agent address")
+/// The agent's node listener, as a workload reaches it.
+fn node_listener(harness: &AgentHarness) -> SocketAddrV4 {
+    harness.agent_addr().parse().expect("agent address")
 }
 
 fn raw_probe(request: String) -> ProbeSpec {
@@ -51,36 +56,50 @@ fn direct_dial_to_the_agent_port_gets_no_identity() {
     let (harness, ids) = start(&[]);
     let tally = Tally::default();
     let alpha = harness.cgroup("apps/alpha");
-    let direct = |spec: ProbeSpec| ProbeSpec {
-        connect: Some(agent()),
-        ..spec
-    };
-    let cases: Vec<(&str, ProbeSpec)> = vec![
-        ("IPv4, a valid token request", direct(token_probe(None))),
-        (
-            "IPv4, naming another workload's identity",
-            direct(token_probe(Some(&ids.beta.client_id))),
-        ),
-        (
-            "AF_INET6 socket, v4-mapped agent address",
-            ProbeSpec {
-                inet6: true,
-                ..direct(token_probe(None))
-            },
-        ),
-        (
-            "NMI's host path with podns/podname headers",
-            direct(ProbeSpec {
-                http_path: Some(format!("/host/token/?{}", query(RESOURCE, None))),
-                headers: vec![
-                    "Metadata: true".into(),
-                    "podns: default".into(),
-                    "podname: beta".into(),
-                ],
-                ..ProbeSpec::connect(agent())
-            }),
-        ),
-    ];
+    // Every listener of the agent a workload can reach: the node's, and in
+    // zero-policy mode the one in the pod's own namespace.
+    let mut targets = vec![("node listener", node_listener(&harness))];
+    if zero_policy() {
+        targets.push(("the pod's own listener", redirected_peer(&alpha)));
+    }
+    let mut cases: Vec<(String, ProbeSpec)> = Vec::new();
+    for (target, addr) in targets {
+        let direct = |spec: ProbeSpec| ProbeSpec {
+            connect: Some(addr),
+            ..spec
+        };
+        cases.extend([
+            (
+                format!("{target}: IPv4, a valid token request"),
+                direct(token_probe(None)),
+            ),
+            (
+                format!("{target}: IPv4, naming another workload's identity"),
+                direct(token_probe(Some(&ids.beta.client_id))),
+            ),
+            (
+                format!("{target}: AF_INET6 socket, v4-mapped agent address"),
+                ProbeSpec {
+                    inet6: true,
+                    ..direct(token_probe(None))
+                },
+            ),
+            (
+                format!("{target}: NMI's host path with podns/podname headers"),
+                direct(ProbeSpec {
+                    http_path: Some(format!("/host/token/?{}", query(RESOURCE, None))),
+                    headers: vec![
+                        "Metadata: true".into(),
+                        "podns: default".into(),
+                        "podname: beta".into(),
+                    ],
+                    ..ProbeSpec::connect(addr)
+                }),
+            ),
+        ]);
+    }
+    // The redirected request that found the pod's own listener above.
+    let redirected = usize::from(zero_policy());
     let before = harness
         .emulator
         .calls_to(podid_tests::emulator::Endpoint::Imds);
@@ -94,13 +113,20 @@ fn direct_dial_to_the_agent_port_gets_no_identity() {
         );
         assert!(body.get("access_token").is_none(), "{name}: {report}");
     }
-    let records = harness.audit_records(cases.len());
+    let records = harness.audit_records(cases.len() + redirected);
     let unattributed = records
         .iter()
         .filter(|r| r.outcome == Outcome::Unattributed && r.reason.contains("not redirected"))
         .count();
-    assert!(unattributed >= 3, "{records:#?}");
-    assert!(records.iter().all(|r| r.outcome != Outcome::Issued));
+    assert!(unattributed >= 3 * cases.len() / 4, "{records:#?}");
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.outcome == Outcome::Issued)
+            .count(),
+        redirected,
+        "{records:#?}"
+    );
     assert_eq!(
         harness
             .emulator
@@ -108,12 +134,13 @@ fn direct_dial_to_the_agent_port_gets_no_identity() {
         before,
         "no upstream call for a direct connection"
     );
+    let floor = (3 * cases.len() / 4) as f64;
     let metrics = harness.metrics();
     assert!(
         metric(
             &metrics,
             r#"podid_unattributed_requests_total{reason="no_record"}"#
-        ) >= 3.0,
+        ) >= floor,
         "{metrics}"
     );
     assert_no_direct_imds(&harness);
@@ -303,16 +330,26 @@ fn source_binding_and_port_reuse_keep_the_connectors_identity() {
     let tally = Tally::default();
     let alpha = harness.cgroup("apps/alpha");
     let beta = harness.cgroup("apps/beta");
-    for (name, bind, inet6) in [
-        ("fixed loopback port", "127.0.0.1:41001", false),
-        ("the IMDS address as source", "169.254.169.254:0", false),
-        ("another loopback address", "127.0.0.2:0", false),
+    let agent_ip = *redirected_peer(&alpha).ip();
+    let mut cases = vec![
+        ("fixed loopback port", "127.0.0.1:41001".to_string(), false),
+        ("another loopback address", "127.0.0.2:0".to_string(), false),
         (
             "the agent's own address and a fixed port",
-            "127.0.0.1:41002",
+            format!("{agent_ip}:41002"),
             true,
         ),
-    ] {
+    ];
+    if !zero_policy() {
+        // Only the node (a hostNetwork workload) has the IMDS address as
+        // one of its own.
+        cases.push((
+            "the IMDS address as source",
+            "169.254.169.254:0".to_string(),
+            false,
+        ));
+    }
+    for (name, bind, inet6) in cases {
         let spec = ProbeSpec {
             bind: Some(bind.parse().expect("bind address")),
             inet6,
@@ -440,11 +477,10 @@ fn every_way_of_opening_the_connection_is_redirected_and_attributed() {
             );
             if !unsupported {
                 assert_eq!(status, 200, "{cgroup} {name}: {report}");
-                assert_eq!(
+                assert!(
                     report["peer"]
                         .as_str()
-                        .map(|p| p.trim_start_matches("[::ffff:").replace("]", "")),
-                    Some(AGENT_ADDR.to_string()),
+                        .is_some_and(|peer| is_agent_peer(&harness, peer)),
                     "{name} reached the agent: {report}"
                 );
             }
@@ -703,10 +739,13 @@ fn a_host_network_workload_cannot_take_the_agent_port() {
     let (harness, ids) = start(&[]);
     let tally = Tally::default();
     let alpha = harness.cgroup("apps/alpha");
-    let port = agent().port();
+    // The listener the workload's connections reach: the node's, or in
+    // zero-policy mode the one in the pod's own namespace.
+    let agent = redirected_peer(&alpha);
+    let port = agent.port();
     for (name, bind, reuse) in [
-        ("the agent's address", agent(), false),
-        ("the agent's address, SO_REUSEPORT", agent(), true),
+        ("the agent's address", agent, false),
+        ("the agent's address, SO_REUSEPORT", agent, true),
         (
             "the wildcard address",
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
@@ -731,18 +770,20 @@ fn a_host_network_workload_cannot_take_the_agent_port() {
             "binding {name} while the agent listens: {report}"
         );
     }
-    // Two workloads with the same source address (the node's) get their own
-    // identities: attribution never looks at the address.
+    // Two workloads with the same source address (the node's, or the pod's)
+    // get their own identities: attribution never looks at the address.
+    let mut sources = Vec::new();
     for (cgroup, identity) in [("apps/alpha", &ids.alpha), ("apps/beta", &ids.beta)] {
         let report = token_probe(None).run_in(&harness.cgroup(cgroup));
         tally.check(cgroup, &report, &identity.client_id);
         assert_eq!(status_body(&report).0, 200);
-        assert!(
-            report["local"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("127.0.0.1:"))
-        );
+        let local: SocketAddr = report["local"]
+            .as_str()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("no local address: {report}"));
+        sources.push(local.ip());
     }
+    assert_eq!(sources[0], sources[1], "one source address for both");
     assert_no_direct_imds(&harness);
     tally.report("host_network");
 }

@@ -19,9 +19,7 @@ use hardening_support::{RESOURCE, SP_SECRET, Tally, query, start_with, status_bo
 use podid_tests::{
     IMDS,
     emulator::{Endpoint, Fault, IssuedRecord},
-    harness::{
-        AGENT_ADDR, AgentHarness, HarnessOptions, python_client, run_client_json, token_leaks, venv,
-    },
+    harness::{AgentHarness, HarnessOptions, python_client, run_client_json, token_leaks, venv},
     privileged::preconditions_met,
     probe::ProbeSpec,
 };
@@ -193,7 +191,7 @@ fn varied_traffic(harness: &AgentHarness, ids: &hardening_support::Ids, tally: &
     tally.check("beta, throttled", &report, &ids.beta.client_id);
     sent += 2;
     // A direct connection and a slow head (unattributed).
-    let addr: SocketAddr = AGENT_ADDR.parse().expect("agent address");
+    let addr: SocketAddr = harness.agent_addr().parse().expect("agent address");
     if let Ok(mut stream) = TcpStream::connect(addr) {
         let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\nMetadata: true\r\n").as_bytes());
         sent += 1;

@@ -167,6 +167,14 @@ pub fn codegen() -> anyhow::Result<()> {
     manifests_check(true)
 }
 
+/// The suites `cargo xtask test` runs a second time in zero-policy mode.
+const HARDENING_SUITES: [&str; 4] = [
+    "hardening_hostile",
+    "hardening_hygiene",
+    "hardening_bounds",
+    "hardening_faults",
+];
+
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     setup::run()?;
@@ -208,6 +216,17 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
             .arg("--test-threads=1")
             .args(&args.filter);
         run(&mut cmd, "privileged integration tests")?;
+        // The hardening cases again with the agent in zero-policy mode and
+        // every workload in a pod's own network namespace.
+        let mut cmd = cargo();
+        cmd.env("PODID_REQUIRE_PRIVILEGED", "1")
+            .env("PODID_HARDENING_LISTEN_MODE", "pod-netns")
+            .args(["test", "-p", "podid-tests"]);
+        for suite in HARDENING_SUITES {
+            cmd.args(["--test", suite]);
+        }
+        cmd.args(["--", "--test-threads=1"]).args(&args.filter);
+        run(&mut cmd, "hardening suites in zero-policy mode")?;
     }
     eprintln!(
         "xtask: test: everything passed in {:.0?}",

@@ -758,6 +758,41 @@ impl Redirect {
         sum_counters(&counters)
     }
 
+    /// Empties the pinned pod listener map of an earlier agent, if there is
+    /// one, and returns how many entries it held. An agent starting calls
+    /// this before it takes its start time: until then the kernel sends pods
+    /// to listeners that died with the earlier agent, and the records of
+    /// those refused connections must count as older than the new agent
+    /// (replaceable), never as fresh records of another cgroup.
+    pub fn clear_pinned_pod_listeners(pin_root: &Path) -> Result<usize> {
+        let path = PinLayout::new(pin_root).map(MAP_POD_LISTENERS);
+        if !path.exists() {
+            return Ok(0);
+        }
+        let data = MapData::from_pin(&path).map_err(|source| RedirectError::Map {
+            map: MAP_POD_LISTENERS,
+            action: "opening the pinned map",
+            source,
+        })?;
+        let mut map: HashMap<MapData, u64, PodListener> =
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| {
+                RedirectError::Map {
+                    map: MAP_POD_LISTENERS,
+                    action: "opening",
+                    source,
+                }
+            })?;
+        let keys: Vec<u64> = map.keys().filter_map(std::result::Result::ok).collect();
+        for key in &keys {
+            map.remove(key).map_err(|source| RedirectError::Map {
+                map: MAP_POD_LISTENERS,
+                action: "removing an earlier agent's pod listener",
+                source,
+            })?;
+        }
+        Ok(keys.len())
+    }
+
     /// Takes the loaded object, for [`forward_kernel_logs`].
     pub fn take_ebpf(&self) -> Option<Ebpf> {
         self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take()

@@ -148,11 +148,63 @@ pub fn start(agent_args: &[&str]) -> (AgentHarness, Ids) {
     start_with(agent_args, HarnessOptions::default())
 }
 
-/// Starts the box with options.
+/// Set to `pod-netns` (as `cargo xtask test` does for its second run of the
+/// hardening suites): every case runs again with the agent in zero-policy
+/// mode and each workload in a pod's own network namespace on the pod
+/// network, reaching the listener the agent opened there.
+pub const LISTEN_MODE_ENV: &str = "PODID_HARDENING_LISTEN_MODE";
+
+/// Whether this run is the zero-policy run ([`LISTEN_MODE_ENV`]).
+pub fn zero_policy() -> bool {
+    match std::env::var(LISTEN_MODE_ENV).as_deref() {
+        Ok("pod-netns") => true,
+        Ok("node") | Err(_) => false,
+        Ok(other) => panic!("{LISTEN_MODE_ENV}={other}: expected node or pod-netns"),
+    }
+}
+
+/// Starts the box with options (in zero-policy mode when
+/// [`zero_policy`]).
 pub fn start_with(agent_args: &[&str], options: HarnessOptions) -> (AgentHarness, Ids) {
+    let options = if zero_policy() {
+        HarnessOptions {
+            pods: Some(options.pods.unwrap_or(1)),
+            pod_netns_mode: true,
+            workloads_in_pod: true,
+            ..options
+        }
+    } else {
+        options
+    };
     let ids = Ids::new();
     let harness = AgentHarness::start_with(spec(&ids, agent_args), options);
     (harness, ids)
+}
+
+/// Whether `peer` (a probe's `peer`, perhaps `[::ffff:a.b.c.d]:p`) is where
+/// the redirect must deliver a workload's connection: the agent's node
+/// listener, or in zero-policy mode the listener the agent opened in the
+/// pod's own namespace (an address of 127.64.0.0/10 on the pod listener
+/// port).
+pub fn is_agent_peer(harness: &AgentHarness, peer: &str) -> bool {
+    let plain = peer.trim_start_matches("[::ffff:").replace(']', "");
+    if !zero_policy() {
+        return plain == harness.agent_addr();
+    }
+    plain.parse::<std::net::SocketAddrV4>().is_ok_and(|addr| {
+        podid_agent::pod_listeners::is_pod_listener_address(*addr.ip()) && addr.port() == 2579
+    })
+}
+
+/// Where a token request from `cgroup` was delivered (its `peer`): the
+/// address a workload would have to take to pose as the agent.
+pub fn redirected_peer(cgroup: &std::path::Path) -> std::net::SocketAddrV4 {
+    let report = token_probe(None).run_in(cgroup);
+    report["peer"]
+        .as_str()
+        .map(|p| p.trim_start_matches("[::ffff:").replace(']', ""))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no peer in {report}"))
 }
 
 /// A token query with the marker api-version, optionally naming a client id.

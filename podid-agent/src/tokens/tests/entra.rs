@@ -279,6 +279,11 @@ async fn tokens_and_secrets_never_reach_logs_errors_or_debug_output() {
         ("ns/sp", secret_credential(&secret_client, "sp", None)),
         ("ns/cert", cert_credential(&cert_client, "sp-cert")),
     ] {
+        // Again before each fetch: a thread of another test that began
+        // registering the "token fetched" callsite before this subscriber
+        // existed (a heavily loaded machine can stall it there) would
+        // otherwise leave it cached as "never".
+        tracing::callsite::rebuild_interest_cache();
         let (token, _) = svc
             .token(identity, &credential, VAULT)
             .await
