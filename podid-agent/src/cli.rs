@@ -143,7 +143,10 @@ pub enum RedirectCommand {
     /// Load and attach the programs to a cgroup and pin them, then exit. The
     /// redirect stays in place (pinned) until `uninstall`.
     Install(InstallArgs),
-    /// Detach and unpin everything podid pinned.
+    /// Detach and unpin podid's own pins under --bpffs-dir (its version
+    /// directories and the names it gives its maps, programs and links);
+    /// anything else there stays. Refuses a directory that is not on a BPF
+    /// filesystem.
     Uninstall(PinArgs),
     /// Print the kernel counters of the pinned redirect as JSON.
     Status(PinArgs),

@@ -432,6 +432,90 @@ fn pins_survive_the_loader_and_uninstall_removes_everything() {
 }
 
 #[test]
+fn uninstall_removes_only_podid_pins_and_refuses_other_filesystems() {
+    if !preconditions_met("uninstall_removes_only_podid_pins_and_refuses_other_filesystems") {
+        return;
+    }
+    let _netns = NetNsGuard::new();
+    let bpffs = BpffsGuard::new();
+    let cgroups = CgroupGuard::new("uninstall");
+    let pin_root = bpffs.pin_root();
+    agent_redirect(&[
+        "install",
+        "--cgroup-root",
+        cgroups.path().to_str().unwrap(),
+        "--bpffs-dir",
+        pin_root.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:2579",
+    ]);
+    assert_eq!(ours(&attached_programs(cgroups.path())).len(), 3);
+
+    // Another tool's pins next to ours, in and around podid's directories,
+    // including names that only look like ours.
+    let version = pin_root.join(format!("v{}", podid_ebpf::ABI_VERSION));
+    let counters = version.join(format!("map_{}", podid_ebpf::MAP_COUNTERS));
+    let map = aya::maps::MapData::from_pin(&counters).expect("our pinned map");
+    std::fs::create_dir(pin_root.join("vendor")).expect("mkdir on bpffs");
+    let foreign = [
+        bpffs.path().join("cilium_calls"),
+        pin_root.join("tc_globals"),
+        pin_root.join("vendor").join("map_x"),
+        version.join("globals"),
+    ];
+    for path in &foreign {
+        map.pin(path).expect("pin a foreign object");
+    }
+    drop(map);
+
+    // Not a BPF filesystem: refused, nothing removed.
+    let scratch = std::env::temp_dir().join(format!("podid-uninstall-{}", std::process::id()));
+    let scratch_version = scratch.join(format!("v{}", podid_ebpf::ABI_VERSION));
+    std::fs::create_dir_all(&scratch_version).expect("mkdir");
+    std::fs::write(scratch_version.join("map_COUNTERS"), b"not a pin").expect("write");
+    std::fs::write(scratch.join("notes.txt"), b"keep me").expect("write");
+    let out = Command::new(workspace_binary("podid-agent"))
+        .args(["redirect", "uninstall", "--bpffs-dir"])
+        .arg(&scratch)
+        .env("PODID_LOG", "warn")
+        .output()
+        .expect("run podid-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "uninstall on a plain directory: {stderr}"
+    );
+    assert!(stderr.contains("not on a BPF filesystem"), "{stderr}");
+    assert!(scratch_version.join("map_COUNTERS").exists());
+    assert!(scratch.join("notes.txt").exists());
+    std::fs::remove_dir_all(&scratch).expect("clean up");
+    assert_eq!(
+        ours(&attached_programs(cgroups.path())).len(),
+        3,
+        "a refused uninstall detaches nothing"
+    );
+
+    // On bpffs: ours go, theirs stay (and so do the directories holding them).
+    let removed = agent_redirect(&["uninstall", "--bpffs-dir", pin_root.to_str().unwrap()]);
+    let removed: Vec<&str> = removed["removed"]
+        .as_array()
+        .expect("removed")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        removed.iter().any(|p| p.ends_with("map_COUNTERS")),
+        "{removed:?}"
+    );
+    assert_eq!(ours(&attached_programs(cgroups.path())), vec![]);
+    let mut left = bpffs.pinned_files();
+    left.sort();
+    let mut expected = foreign.to_vec();
+    expected.sort();
+    assert_eq!(left, expected, "only podid's own pins are removed");
+}
+
+#[test]
 fn coexists_with_another_connect4_program_on_the_parent_cgroup() {
     if !preconditions_met("coexists_with_another_connect4_program_on_the_parent_cgroup") {
         return;

@@ -580,7 +580,7 @@ impl Redirect {
             Ok(dirs) => {
                 for dir in dirs {
                     info!(pins = %dir.display(), "removing pins of another podid version");
-                    if let Err(error) = pins::remove_all(&dir) {
+                    if let Err(error) = pins::remove_version(&dir) {
                         warn!(pins = %dir.display(), %error, "cannot remove old pins");
                     }
                 }
@@ -589,9 +589,10 @@ impl Redirect {
         }
     }
 
-    /// Detaches and unpins everything podid pinned under `pin_root`, and
-    /// removes its netlink guard filters from this network namespace's
-    /// interfaces.
+    /// Detaches and unpins podid's own pins under `pin_root` (which must be
+    /// on a BPF filesystem; anything else there stays, see
+    /// [`pins::remove_all`]), and removes its netlink guard filters from
+    /// this network namespace's interfaces.
     pub fn uninstall(pin_root: &Path) -> std::io::Result<Vec<PathBuf>> {
         let removed = pins::remove_all(pin_root)?;
         for iface in guard::detach_netlink_filters() {

@@ -92,7 +92,7 @@ impl PinLayout {
             let is_version_dir = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('v'));
+                .is_some_and(is_version_dir_name);
             if path != ours && is_version_dir && path.is_dir() {
                 others.push(path);
             }
@@ -130,26 +130,81 @@ pub fn anything_pinned(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Removes every pin under `root` (links first, so programs detach before the
-/// maps they use disappear), then the directories. Returns what was removed.
+/// Whether `name` is one of podid's version directories (`v` + digits).
+fn is_version_dir_name(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `name` is one of the pins podid makes in a version directory.
+fn is_our_pin_name(name: &str) -> bool {
+    ["map_", "prog_", "link_", "staged_"].iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty())
+    })
+}
+
+/// Fails unless `path` is on a BPF filesystem.
+fn require_bpffs(path: &Path) -> io::Result<()> {
+    let magic = super::cgroup::statfs_magic(path)?;
+    if magic == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not on a BPF filesystem (magic {magic:#x}); refusing to remove anything",
+                path.display()
+            ),
+        ))
+    }
+}
+
+/// Removes podid's pins under `root`, which must be on a BPF filesystem:
+/// in each version directory (`v<N>`), the pins named as podid names them
+/// (links first, so programs detach before the maps they use disappear);
+/// then each version directory and `root` itself if nothing else is left in
+/// them. Anything else (another tool's pins or directories) stays. Returns
+/// what was removed.
 pub fn remove_all(root: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     if !root.exists() {
         return Ok(removed);
     }
-    let mut dirs = vec![root.to_path_buf()];
+    require_bpffs(root)?;
+    let mut version_dirs = Vec::new();
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_dir() && name.to_str().is_some_and(is_version_dir_name) {
+            version_dirs.push(entry.path());
+        }
+    }
+    removed.extend(remove_versions(&version_dirs)?);
+    if fs::read_dir(root)?.next().is_none() {
+        fs::remove_dir(root)?;
+    }
+    Ok(removed)
+}
+
+/// Removes podid's pins in one version directory (another ABI version's,
+/// once ours is attached), and the directory if nothing else is left in it.
+pub fn remove_version(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    require_bpffs(dir)?;
+    remove_versions(&[dir.to_path_buf()])
+}
+
+fn remove_versions(version_dirs: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    let mut i = 0;
-    while i < dirs.len() {
-        for entry in fs::read_dir(&dirs[i])? {
-            let path = entry?.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                files.push(path);
+    for dir in version_dirs {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let ours = !entry.file_type()?.is_dir()
+                && entry.file_name().to_str().is_some_and(is_our_pin_name);
+            if ours {
+                files.push(entry.path());
             }
         }
-        i += 1;
     }
     let rank = |p: &PathBuf| {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -162,12 +217,59 @@ pub fn remove_all(root: &Path) -> io::Result<Vec<PathBuf>> {
         }
     };
     files.sort_by_key(rank);
+    let mut removed = Vec::new();
     for file in files {
         fs::remove_file(&file)?;
         removed.push(file);
     }
-    for dir in dirs.into_iter().rev() {
-        fs::remove_dir(&dir)?;
+    for dir in version_dirs {
+        if fs::read_dir(dir)?.next().is_none() {
+            fs::remove_dir(dir)?;
+        }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_podid_names_count_as_ours() {
+        for name in ["v3", "v12"] {
+            assert!(is_version_dir_name(name), "{name}");
+        }
+        for name in ["v", "vendor", "v3x", "x3", ""] {
+            assert!(!is_version_dir_name(name), "{name}");
+        }
+        for name in [
+            "map_PEER_RECORDS",
+            "prog_podid_connect4",
+            "link_podid_connect4_1234",
+            "staged_podid_sock_ops_1",
+        ] {
+            assert!(is_our_pin_name(name), "{name}");
+        }
+        for name in ["map_", "cilium_calls", "tc", "globals", "mapX"] {
+            assert!(!is_our_pin_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_directory_not_on_bpffs_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("podid-pins-test-{}", std::process::id()));
+        let version = dir.join(format!("v{ABI_VERSION}"));
+        fs::create_dir_all(&version).expect("mkdir");
+        fs::write(version.join("map_PEER_RECORDS"), b"x").expect("write");
+        fs::write(dir.join("someone-elses-file"), b"y").expect("write");
+        let error = remove_all(&dir).expect_err("not bpffs");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            error.to_string().contains("not on a BPF filesystem"),
+            "{error}"
+        );
+        assert!(version.join("map_PEER_RECORDS").exists());
+        assert!(dir.join("someone-elses-file").exists());
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
 }
