@@ -807,6 +807,18 @@ def check_exceptions_and_monitors(r: Rendered, report: Report, where: str) -> No
         report.check(ok, f"{where}: {name_of(sm)} selects one Service with its endpoint port")
         for key, val in v["serviceMonitor"]["labels"].items():
             report.check(sm["metadata"]["labels"].get(key) == val, f"{where}: {name_of(sm)} carries label {key}")
+    # Prometheus names the job after the Service unless relabelled: the
+    # alerts in docs/metrics.md filter on job="<release>-agent" and must match.
+    jobs = {
+        relabel.get("replacement")
+        for sm in monitors
+        for endpoint in sm["spec"]["endpoints"]
+        for relabel in endpoint.get("relabelings", [])
+        if relabel.get("targetLabel") == "job"
+    }
+    metrics_doc = (REPO / "docs" / "metrics.md").read_text()
+    for job in sorted(set(re.findall(r'job="([^"]+)"', metrics_doc))):
+        report.check(job in jobs, f"{where}: docs/metrics.md's job=\"{job}\" is a job the ServiceMonitors set ({sorted(j for j in jobs if j)})")
 
 
 # ---------------------------------------------------------------------------

@@ -192,6 +192,7 @@ pub(crate) async fn run_cycle(ctx: &Context, trigger: CycleTrigger) -> Result<Cy
 }
 
 async fn execute(ctx: &Context, plan: Plan, report: &mut CycleReport) -> Result<()> {
+    let failed_before = report.failed;
     let Plan {
         creates,
         updates,
@@ -305,6 +306,8 @@ async fn execute(ctx: &Context, plan: Plan, report: &mut CycleReport) -> Result<
             report.targets.insert(name, target_report);
         }
     }
+    ctx.metrics
+        .assignment("failed", report.failed - failed_before);
     Ok(())
 }
 

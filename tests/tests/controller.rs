@@ -582,6 +582,11 @@ async fn failed_operations_never_mark_assigned_and_converge_later() {
         2,
         "state read again after the failure"
     );
+    let metrics = ctl.metrics().encode();
+    assert!(
+        metrics.contains(r#"podid_controller_assignments_total{operation="failed"} 1"#),
+        "{metrics}"
+    );
     assert_eq!(
         status_of(&cluster.assignment("p1", "web").unwrap()),
         "Created"
